@@ -1,0 +1,43 @@
+"""freshcache: cached data that stays fresh, for multi-tenant commerce backends."""
+
+from freshcache.cache import Cache, CacheStats
+from freshcache.core.keys import (
+    CacheKey,
+    InvalidKeyPart,
+    KeySpace,
+    KeyTemplate,
+    Namespace,
+    Tag,
+    TemplateError,
+    commerce_keyspace,
+)
+from freshcache.core.policy import TIERS, Tier, TierError, tier
+from freshcache.serialization import JsonSerializer, Serializer
+from freshcache.stores.base import Conflict, Entry, Store, StoreUnavailable
+from freshcache.stores.memory import MemoryStore
+from freshcache.stores.redis import RedisStore
+
+__all__ = [
+    "TIERS",
+    "Cache",
+    "CacheKey",
+    "CacheStats",
+    "Conflict",
+    "Entry",
+    "InvalidKeyPart",
+    "JsonSerializer",
+    "KeySpace",
+    "KeyTemplate",
+    "MemoryStore",
+    "Namespace",
+    "RedisStore",
+    "Serializer",
+    "Store",
+    "StoreUnavailable",
+    "Tag",
+    "TemplateError",
+    "Tier",
+    "TierError",
+    "commerce_keyspace",
+    "tier",
+]

@@ -1,0 +1,411 @@
+"""The Cache facade: reads, fills under leases, invalidation and the write strategies.
+
+``get_or_load`` is cache-aside done right: one loader per key in this process
+(single-flight) and across processes (the store's lease), stale-while-revalidate, optional
+probabilistic early refresh, and no fill that started before an invalidation can store
+its value after it. When the store is unreachable, reads fail open: the loader's value is
+returned and the error counted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import os
+import random
+import time
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass, fields
+from typing import Any, TypeVar
+
+from freshcache.core.keys import CacheKey, Namespace, Tag
+from freshcache.serialization import JsonSerializer, Serializer
+from freshcache.stores.base import Conflict, Entry, Store, StoreUnavailable
+
+__all__ = ["Cache", "CacheStats"]
+
+T = TypeVar("T")
+Loader = Callable[[], Awaitable[T]]
+
+logger = logging.getLogger("freshcache")
+
+# How often a read that lost a fill (its flight's value was invalidated meanwhile) tries
+# again before loading without the cache.
+_MAX_ATTEMPTS = 3
+
+
+@dataclass
+class CacheStats:
+    """Counters of one Cache instance (the monitoring layer exports them)."""
+
+    hits: int = 0
+    stale_hits: int = 0
+    misses: int = 0
+    loads: int = 0
+    fills_stored: int = 0
+    fills_dropped: int = 0
+    lease_waits: int = 0
+    wait_timeouts: int = 0
+    early_refreshes: int = 0
+    errors: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return {field.name: getattr(self, field.name) for field in fields(self)}
+
+
+@dataclass(slots=True)
+class _Flight:
+    """One fill in progress in this process; other readers of the key wait on it."""
+
+    future: asyncio.Future[Any]
+    # Whether waiters may use the result: the fill committed under its lease (so no
+    # invalidation came between its load and its store) or the store is unreachable.
+    shareable: bool = False
+
+
+class Cache:
+    """Cache facade over a :class:`~freshcache.stores.base.Store`.
+
+    Options:
+
+    - ``serializer``: values to bytes and back (orjson by default).
+    - ``lease_seconds``: how long a fill may take before its lease lapses (its value is
+      then dropped, never stored late). Set it above your slowest loader.
+    - ``wait_seconds``: how long a reader waits for another process's fill before loading
+      by itself (without storing).
+    - ``early_refresh_beta``: probabilistic early refresh (XFetch); 0 turns it off, 1 is
+      the usual setting, larger refreshes earlier.
+    - ``retry_after``: after the store fails, how long reads skip it (fail open) before
+      trying it again.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        serializer: Serializer | None = None,
+        lease_seconds: float = 10.0,
+        wait_seconds: float = 2.0,
+        early_refresh_beta: float = 0.0,
+        retry_after: float = 1.0,
+    ) -> None:
+        if lease_seconds <= 0 or wait_seconds < 0 or retry_after < 0:
+            raise ValueError("lease_seconds must be > 0; wait_seconds, retry_after >= 0")
+        if early_refresh_beta < 0:
+            raise ValueError("early_refresh_beta must be >= 0")
+        self.store = store
+        self.serializer = serializer or JsonSerializer()
+        self.lease_seconds = lease_seconds
+        self.wait_seconds = wait_seconds
+        self.early_refresh_beta = early_refresh_beta
+        self.retry_after = retry_after
+        self.stats = CacheStats()
+        self._flights: dict[str, _Flight] = {}
+        self._background: set[asyncio.Task[None]] = set()
+        self._store_down_until = 0.0
+
+    # -- reads ------------------------------------------------------------------------
+
+    async def get(self, key: CacheKey, default: Any = None) -> Any:
+        """The fresh cached value of ``key``, or ``default``."""
+        entry = await self._read(key)
+        if entry is None or entry.fresh_until <= time.time():
+            self.stats.misses += 1
+            return default
+        self.stats.hits += 1
+        return self.serializer.loads(entry.payload)
+
+    async def get_many(self, keys: Sequence[CacheKey], default: Any = None) -> list[Any]:
+        """``get`` for several keys in one round trip."""
+        if not keys or self._store_is_down():
+            self.stats.misses += len(keys)
+            return [default] * len(keys)
+        try:
+            entries = await self.store.read_many(keys)
+        except StoreUnavailable:
+            self._store_failed()
+            return [default] * len(keys)
+        now = time.time()
+        values = []
+        for entry in entries:
+            if entry is None or entry.fresh_until <= now:
+                self.stats.misses += 1
+                values.append(default)
+            else:
+                self.stats.hits += 1
+                values.append(self.serializer.loads(entry.payload))
+        return values
+
+    async def get_or_load(self, key: CacheKey, loader: Loader[T]) -> T:
+        """The cached value of ``key``, loading and storing it on a miss.
+
+        ``loader`` reads the source of truth. Concurrent misses share one load; a stale
+        entry within the tier's stale-while-revalidate window is returned at once while
+        one background task refreshes it.
+        """
+        for _ in range(_MAX_ATTEMPTS):
+            entry = await self._read(key)
+            if entry is not None:
+                now = time.time()
+                if entry.fresh_until > now:
+                    self.stats.hits += 1
+                    if self._should_refresh_early(entry, now):
+                        self.stats.early_refreshes += 1
+                        self._refresh_in_background(key, loader)
+                else:
+                    self.stats.stale_hits += 1
+                    self._refresh_in_background(key, loader)
+                value: T = self.serializer.loads(entry.payload)
+                return value
+            self.stats.misses += 1
+            flight = self._flights.get(key.physical)
+            if flight is None:
+                return await self._fly(key, loader, wait_for_others=True)
+            result = await asyncio.shield(flight.future)
+            if flight.shareable:
+                return result  # type: ignore[no-any-return]
+            # That fill lost to an invalidation that may precede this read: read again.
+        self.stats.loads += 1
+        return await loader()
+
+    async def _read(self, key: CacheKey) -> Entry | None:
+        if self._store_is_down():
+            return None
+        try:
+            return await self.store.read(key)
+        except StoreUnavailable:
+            self._store_failed()
+            return None
+
+    def _should_refresh_early(self, entry: Entry, now: float) -> bool:
+        if not self.early_refresh_beta or not entry.compute_seconds:
+            return False
+        gap = -entry.compute_seconds * self.early_refresh_beta * math.log(1.0 - random.random())
+        return now + gap >= entry.fresh_until
+
+    # -- fills ------------------------------------------------------------------------
+
+    async def _fly(self, key: CacheKey, loader: Loader[T], *, wait_for_others: bool) -> T:
+        """Run one fill of ``key`` that other readers in this process can join."""
+        flight = _Flight(asyncio.get_running_loop().create_future())
+        self._flights[key.physical] = flight
+        try:
+            value = await self._fill(key, loader, flight, wait_for_others)
+        except BaseException as error:
+            flight.future.set_exception(error)
+            flight.future.exception()  # retrieved here: waiters re-raise it themselves
+            raise
+        else:
+            flight.future.set_result(value)
+            return value
+        finally:
+            if self._flights.get(key.physical) is flight:
+                del self._flights[key.physical]
+
+    async def _fill(
+        self, key: CacheKey, loader: Loader[T], flight: _Flight, wait_for_others: bool
+    ) -> T:
+        token = os.urandom(12).hex()
+        tier = key.tier
+        try:
+            generation = await self._acquire_or_wait(key, loader, token, flight, wait_for_others)
+            if isinstance(generation, _Waited):
+                return generation.value  # type: ignore[no-any-return]
+            await self.store.register_tags(
+                [(key, time.time() + self.lease_seconds + tier.ttl + tier.stale_while_revalidate)]
+            )
+        except StoreUnavailable:
+            self._store_failed()
+            flight.shareable = True  # no invalidation can be applied either, meanwhile
+            self.stats.loads += 1
+            return await loader()
+        started = time.perf_counter()
+        self.stats.loads += 1
+        try:
+            value = await loader()
+        except BaseException:
+            await self._release(key, token)
+            raise
+        compute_seconds = time.perf_counter() - started
+        ttl = tier.jittered_ttl(random.random())
+        entry = Entry(self.serializer.dumps(value), time.time() + ttl, compute_seconds)
+        try:
+            stored = await self.store.commit(
+                key, token, generation, entry, ttl + tier.stale_while_revalidate
+            )
+        except StoreUnavailable:
+            self._store_failed()
+            return value
+        if stored:
+            self.stats.fills_stored += 1
+            flight.shareable = True
+        else:
+            self.stats.fills_dropped += 1
+        return value
+
+    async def _acquire_or_wait(
+        self,
+        key: CacheKey,
+        loader: Loader[Any],
+        token: str,
+        flight: _Flight,
+        wait_for_others: bool,
+    ) -> int | _Waited:
+        """Take the lease, or wait for the process that holds it to store its value."""
+        deadline = time.monotonic() + self.wait_seconds
+        delay = 0.002
+        while True:
+            generation = await self.store.acquire_lease(key, token, self.lease_seconds)
+            if generation is not None:
+                return generation
+            if not wait_for_others:
+                return _Waited(None)
+            self.stats.lease_waits += 1
+            if time.monotonic() >= deadline:
+                self.stats.wait_timeouts += 1
+                self.stats.loads += 1
+                return _Waited(await loader())
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.05)
+            entry = await self.store.read(key)
+            if entry is not None:
+                # Stored under a lease taken after any invalidation this read follows.
+                flight.shareable = True
+                return _Waited(self.serializer.loads(entry.payload))
+
+    def _refresh_in_background(self, key: CacheKey, loader: Loader[Any]) -> None:
+        if key.physical in self._flights:
+            return
+        task = asyncio.get_running_loop().create_task(self._background_refresh(key, loader))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _background_refresh(self, key: CacheKey, loader: Loader[Any]) -> None:
+        try:
+            await self._fly(key, loader, wait_for_others=False)
+        except Exception:
+            logger.exception("background refresh of %s failed", key.name)
+
+    async def _release(self, key: CacheKey, token: str) -> None:
+        try:
+            await self.store.release_lease(key, token)
+        except StoreUnavailable:
+            self._store_failed()
+
+    # -- writes -----------------------------------------------------------------------
+
+    async def set(self, key: CacheKey, value: Any, *, ttl: float | None = None) -> None:
+        """Store ``value`` for ``key`` (cache-aside after a database write).
+
+        Cancels any fill of the key in progress, so an older value loaded before this
+        write cannot overwrite it. ``ttl`` defaults to the template's tier.
+        """
+        await self.set_many([(key, value)], ttl=ttl)
+
+    async def set_many(
+        self, items: Iterable[tuple[CacheKey, Any]], *, ttl: float | None = None
+    ) -> None:
+        """``set`` for several keys, pipelined."""
+        now = time.time()
+        writes = []
+        for key, value in items:
+            fresh = key.tier.jittered_ttl(random.random()) if ttl is None else ttl
+            entry = Entry(self.serializer.dumps(value), now + fresh)
+            writes.append((key, entry, fresh + key.tier.stale_while_revalidate))
+        if not writes:
+            return
+        await self.store.register_tags(
+            [(key, now + expire + self.lease_seconds) for key, _, expire in writes]
+        )
+        await self.store.write(writes)
+
+    async def write_through(
+        self, key: CacheKey, value: T, persist: Callable[[T], Awaitable[object]]
+    ) -> T:
+        """Persist ``value`` with ``persist``, then store it in the cache.
+
+        The write takes the key's lease before persisting, so neither a read's fill nor a
+        concurrent write-through that persisted earlier can leave an older value cached;
+        when two writes race, the loser's commit deletes the entry instead (the next read
+        reloads it). If the store is unreachable, the value is still persisted and
+        :class:`StoreUnavailable` is raised so the caller knows the cache was not updated.
+        """
+        token = os.urandom(12).hex()
+        tier = key.tier
+        try:
+            generation = await self.store.acquire_lease(key, token, self.lease_seconds, steal=True)
+            await self.store.register_tags(
+                [(key, time.time() + self.lease_seconds + tier.ttl + tier.stale_while_revalidate)]
+            )
+        except StoreUnavailable:
+            self._store_failed()
+            await persist(value)
+            raise
+        try:
+            await persist(value)
+        except BaseException:
+            await self._release(key, token)
+            raise
+        assert generation is not None  # a stolen lease is always granted
+        ttl = tier.jittered_ttl(random.random())
+        entry = Entry(self.serializer.dumps(value), time.time() + ttl)
+        await self.store.commit(
+            key,
+            token,
+            generation,
+            entry,
+            ttl + tier.stale_while_revalidate,
+            conflict=Conflict.INVALIDATE,
+        )
+        return value
+
+    # -- invalidation -----------------------------------------------------------------
+
+    async def invalidate_keys(self, *keys: CacheKey) -> None:
+        """Delete these entries; fills of them in progress will not be stored."""
+        await self.store.delete(keys)
+
+    async def delete(self, key: CacheKey) -> None:
+        """Delete one entry (``invalidate_keys`` with one key)."""
+        await self.store.delete([key])
+
+    async def invalidate_tags(self, *tags: Tag) -> int:
+        """Delete every entry carrying one of ``tags``; return how many keys were purged."""
+        return await self.store.purge_tags(tags)
+
+    async def bump_namespace(self, *namespaces: Namespace) -> None:
+        """Invalidate every key of these namespaces at once (O(1) each)."""
+        await self.store.bump(namespaces)
+
+    # -- life cycle -------------------------------------------------------------------
+
+    def _store_is_down(self) -> bool:
+        if self._store_down_until and time.monotonic() < self._store_down_until:
+            self.stats.errors += 1
+            return True
+        return False
+
+    def _store_failed(self) -> None:
+        self.stats.errors += 1
+        self._store_down_until = time.monotonic() + self.retry_after
+        logger.warning("cache store unavailable; serving from loaders for %ss", self.retry_after)
+
+    async def aclose(self) -> None:
+        """Wait for background refreshes, then close the store."""
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
+        await self.store.close()
+
+    async def __aenter__(self) -> Cache:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+
+@dataclass(slots=True)
+class _Waited:
+    """The value another process stored (or a load made without the lease)."""
+
+    value: Any

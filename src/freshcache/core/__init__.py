@@ -1,0 +1,1 @@
+"""Pure logic: keys, policies, rules and plans. No I/O, no asyncio."""

@@ -1,0 +1,1 @@
+"""From a change to every cache layer: outbox, bus, workers, CDN purges."""

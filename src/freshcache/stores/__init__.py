@@ -1,0 +1,1 @@
+"""Store protocol and backends: the only code that speaks to a cache server."""
