@@ -161,7 +161,8 @@ class Cache:
             self.stats.misses += 1
             flight = self._flights.get(key.physical)
             if flight is None:
-                return await self._fly(key, loader, wait_for_others=True)
+                flight = self._start_flight(key)
+                return await self._fly(key, loader, flight, wait_for_others=True)
             result = await asyncio.shield(flight.future)
             if flight.shareable:
                 return result  # type: ignore[no-any-return]
@@ -186,10 +187,16 @@ class Cache:
 
     # -- fills ------------------------------------------------------------------------
 
-    async def _fly(self, key: CacheKey, loader: Loader[T], *, wait_for_others: bool) -> T:
-        """Run one fill of ``key`` that other readers in this process can join."""
+    def _start_flight(self, key: CacheKey) -> _Flight:
+        # Registered before any await, so concurrent readers of the key find it.
         flight = _Flight(asyncio.get_running_loop().create_future())
         self._flights[key.physical] = flight
+        return flight
+
+    async def _fly(
+        self, key: CacheKey, loader: Loader[T], flight: _Flight, *, wait_for_others: bool
+    ) -> T:
+        """Run the fill of ``flight``; other readers in this process wait on its future."""
         try:
             value = await self._fill(key, loader, flight, wait_for_others)
         except BaseException as error:
@@ -277,13 +284,16 @@ class Cache:
     def _refresh_in_background(self, key: CacheKey, loader: Loader[Any]) -> None:
         if key.physical in self._flights:
             return
-        task = asyncio.get_running_loop().create_task(self._background_refresh(key, loader))
+        flight = self._start_flight(key)
+        task = asyncio.get_running_loop().create_task(self._background_refresh(key, loader, flight))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def _background_refresh(self, key: CacheKey, loader: Loader[Any]) -> None:
+    async def _background_refresh(
+        self, key: CacheKey, loader: Loader[Any], flight: _Flight
+    ) -> None:
         try:
-            await self._fly(key, loader, wait_for_others=False)
+            await self._fly(key, loader, flight, wait_for_others=False)
         except Exception:
             logger.exception("background refresh of %s failed", key.name)
 

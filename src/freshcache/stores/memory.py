@@ -140,9 +140,11 @@ class MemoryStore:
         # A live lease means a fill has registered this key in its tags already; that
         # registration must outlive the old entry, or a purge would miss the new one.
         lease = self._leases.get(lease_key(physical))
-        if lease is not None and lease[1] > now:
-            return
-        for tag in record.tags:
+        if lease is None or lease[1] <= now:
+            self._unregister(physical, record.tags)
+
+    def _unregister(self, physical: str, tags: Sequence[str]) -> None:
+        for tag in tags:
             members = self._tags.get(tag)
             if members is not None:
                 members.pop(physical, None)
@@ -154,6 +156,7 @@ class MemoryStore:
         for key in keys:
             self._leases.pop(key.lease_key, None)
             self._drop(key.physical, now)
+            self._unregister(key.physical, [tag.physical for tag in key.tags])
 
     async def purge_tags(self, tags: Sequence[Tag]) -> int:
         now = self._clock()

@@ -18,7 +18,7 @@ from __future__ import annotations
 import functools
 import struct
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, ParamSpec, TypeVar, cast
 
 import redis.asyncio as redis
@@ -100,8 +100,8 @@ R = TypeVar("R")
 
 
 def _unavailable_on_connection_error(
-    method: Callable[P, Awaitable[R]],
-) -> Callable[P, Awaitable[R]]:
+    method: Callable[P, Coroutine[Any, Any, R]],
+) -> Callable[P, Coroutine[Any, Any, R]]:
     @functools.wraps(method)
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         try:
