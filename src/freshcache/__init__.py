@@ -12,13 +12,16 @@ from freshcache.core.keys import (
     commerce_keyspace,
 )
 from freshcache.core.policy import TIERS, Tier, TierError, tier
+from freshcache.pipeline.bus import Bus, MemoryBus, Message, RedisStreamBus
 from freshcache.serialization import JsonSerializer, Serializer
 from freshcache.stores.base import Conflict, Entry, Store, StoreUnavailable
 from freshcache.stores.memory import MemoryStore
 from freshcache.stores.redis import RedisStore
+from freshcache.write_behind import PendingWrite, WriteBehind, WriteBehindFlusher
 
 __all__ = [
     "TIERS",
+    "Bus",
     "Cache",
     "CacheKey",
     "CacheStats",
@@ -28,9 +31,13 @@ __all__ = [
     "JsonSerializer",
     "KeySpace",
     "KeyTemplate",
+    "MemoryBus",
     "MemoryStore",
+    "Message",
     "Namespace",
+    "PendingWrite",
     "RedisStore",
+    "RedisStreamBus",
     "Serializer",
     "Store",
     "StoreUnavailable",
@@ -38,6 +45,8 @@ __all__ = [
     "TemplateError",
     "Tier",
     "TierError",
+    "WriteBehind",
+    "WriteBehindFlusher",
     "commerce_keyspace",
     "tier",
 ]
