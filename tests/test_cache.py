@@ -11,6 +11,7 @@ import pytest
 
 from freshcache.cache import Cache
 from freshcache.core.keys import CacheKey, KeySpace, commerce_keyspace
+from freshcache.core.plan import InvalidationPlan
 from freshcache.core.policy import Tier
 from freshcache.stores.base import Store
 
@@ -264,3 +265,20 @@ async def test_a_failing_persist_leaves_the_cache_alone(store: Store) -> None:
     with pytest.raises(RuntimeError):
         await cache.write_through(product(), 2, fail)
     assert await cache.get(product()) == 1
+
+
+async def test_apply_carries_out_a_plan(store: Store) -> None:
+    cache = Cache(store)
+    page = PAGE(tenantId="t1", categoryId="c", page=1)
+    await cache.set_many([(product("a"), 1), (product("b"), 2), (product("c"), 3), (page, 4)])
+    assert page.namespace is not None
+    plan = InvalidationPlan(
+        keys=(product("a"),), tags=product("b").tags, namespaces=(page.namespace,)
+    )
+    await cache.apply(plan)
+    assert await cache.get_many([product("a"), product("b"), product("c"), page]) == [
+        None,
+        None,
+        3,
+        None,
+    ]

@@ -1,6 +1,7 @@
 """freshcache: cached data that stays fresh, for multi-tenant commerce backends."""
 
 from freshcache.cache import Cache, CacheStats
+from freshcache.core.events import Event, InvalidEvent, new_event, parse_event
 from freshcache.core.keys import (
     CacheKey,
     InvalidKeyPart,
@@ -11,7 +12,9 @@ from freshcache.core.keys import (
     TemplateError,
     commerce_keyspace,
 )
+from freshcache.core.plan import InvalidationPlan
 from freshcache.core.policy import TIERS, Tier, TierError, tier
+from freshcache.core.rules import RuleError, RuleSet
 from freshcache.pipeline.bus import Bus, MemoryBus, Message, RedisStreamBus
 from freshcache.serialization import JsonSerializer, Serializer
 from freshcache.stores.base import Conflict, Entry, Store, StoreUnavailable
@@ -27,7 +30,10 @@ __all__ = [
     "CacheStats",
     "Conflict",
     "Entry",
+    "Event",
+    "InvalidEvent",
     "InvalidKeyPart",
+    "InvalidationPlan",
     "JsonSerializer",
     "KeySpace",
     "KeyTemplate",
@@ -38,6 +44,8 @@ __all__ = [
     "PendingWrite",
     "RedisStore",
     "RedisStreamBus",
+    "RuleError",
+    "RuleSet",
     "Serializer",
     "Store",
     "StoreUnavailable",
@@ -48,5 +56,7 @@ __all__ = [
     "WriteBehind",
     "WriteBehindFlusher",
     "commerce_keyspace",
+    "new_event",
+    "parse_event",
     "tier",
 ]

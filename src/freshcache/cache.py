@@ -20,6 +20,7 @@ from dataclasses import dataclass, fields
 from typing import Any, TypeVar
 
 from freshcache.core.keys import CacheKey, Namespace, Tag
+from freshcache.core.plan import InvalidationPlan
 from freshcache.serialization import JsonSerializer, Serializer
 from freshcache.stores.base import Conflict, Entry, Store, StoreUnavailable
 
@@ -387,6 +388,15 @@ class Cache:
     async def bump_namespace(self, *namespaces: Namespace) -> None:
         """Invalidate every key of these namespaces at once (O(1) each)."""
         await self.store.bump(namespaces)
+
+    async def apply(self, plan: InvalidationPlan) -> None:
+        """Carry out an invalidation plan (from the dependency rules) on the store."""
+        if plan.namespaces:
+            await self.store.bump(plan.namespaces)
+        if plan.tags:
+            await self.store.purge_tags(plan.tags)
+        if plan.keys:
+            await self.store.delete(plan.keys)
 
     # -- life cycle -------------------------------------------------------------------
 

@@ -380,9 +380,10 @@ def _resolve_tier(value: Tier | str) -> Tier:
 def commerce_keyspace(prefix: str = "fc:") -> KeySpace:
     """A KeySpace with the specification's key patterns declared.
 
-    Tenant data: products, product listing pages, user profiles, daily reports.
-    Marketplace (cross-tenant, public) data: product search, nearby shops, the category
-    hierarchy.
+    Tenant data: products, product listing pages, user profiles, daily reports, and the
+    keys the dependency rules name (tenant search results, product-popularity reports,
+    category views). Marketplace (cross-tenant, public) data: product search, nearby
+    shops, the category hierarchy and category pages.
     """
     keyspace = KeySpace(prefix=prefix)
     keyspace.declare(
@@ -413,4 +414,26 @@ def commerce_keyspace(prefix: str = "fc:") -> KeySpace:
         namespace="marketplace:shops:nearby",
     )
     keyspace.declare("public:categories:hierarchy", tier="long", tags=["categories"])
+    # Keys that the dependency rules (rules/marketplace.yaml) invalidate: a tenant's search
+    # results, its product-popularity reports (a namespace of their own, so that product
+    # updates leave the daily reports alone), a category's cached views (tagged like the
+    # listing pages of the category) and the marketplace's public category pages.
+    keyspace.declare(
+        "search:{tenantId}:{query}:page:{page}", tier="medium", namespace="search:{tenantId}"
+    )
+    keyspace.declare(
+        "reports:{tenantId}:product-popularity:{period}",
+        tier="medium",
+        namespace="reports:{tenantId}:product-popularity",
+    )
+    keyspace.declare(
+        "category:{tenantId}:{categoryId}:{view}",
+        tier="medium",
+        tags=["category:{tenantId}:{categoryId}"],
+    )
+    keyspace.declare(
+        "marketplace:categories:{categoryId}:page:{page}",
+        tier="medium",
+        namespace="marketplace:categories",
+    )
     return keyspace
