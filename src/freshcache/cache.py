@@ -21,6 +21,8 @@ from typing import Any, TypeVar
 
 from freshcache.core.keys import CacheKey, Namespace, Tag
 from freshcache.core.plan import InvalidationPlan
+from freshcache.near import MISSING, NearCache, encode_invalidation
+from freshcache.pipeline.broadcast import Broadcast
 from freshcache.serialization import JsonSerializer, Serializer
 from freshcache.stores.base import Conflict, Entry, Store, StoreUnavailable
 
@@ -41,6 +43,7 @@ class CacheStats:
     """Counters of one Cache instance (the monitoring layer exports them)."""
 
     hits: int = 0
+    near_hits: int = 0
     stale_hits: int = 0
     misses: int = 0
     loads: int = 0
@@ -60,6 +63,9 @@ class _Flight:
     """One fill in progress in this process; other readers of the key wait on it."""
 
     future: asyncio.Future[Any]
+    # The near cache's epoch when the flight began: its value may be kept near only if
+    # no invalidation arrived since.
+    near_epoch: int
     # Whether waiters may use the result: the fill committed under its lease (so no
     # invalidation came between its load and its store) or the store is unreachable.
     shareable: bool = False
@@ -79,6 +85,9 @@ class Cache:
       the usual setting, larger refreshes earlier.
     - ``retry_after``: after the store fails, how long reads skip it (fail open) before
       trying it again.
+    - ``broadcast``: tells every instance about this cache's invalidations (and, with
+      ``near``, listens to theirs). Call :meth:`start` (or use ``async with``) to listen.
+    - ``near``: an in-process :class:`~freshcache.near.NearCache` in front of the store.
     """
 
     def __init__(
@@ -90,6 +99,8 @@ class Cache:
         wait_seconds: float = 2.0,
         early_refresh_beta: float = 0.0,
         retry_after: float = 1.0,
+        broadcast: Broadcast | None = None,
+        near: NearCache | None = None,
     ) -> None:
         if lease_seconds <= 0 or wait_seconds < 0 or retry_after < 0:
             raise ValueError("lease_seconds must be > 0; wait_seconds, retry_after >= 0")
@@ -101,6 +112,10 @@ class Cache:
         self.wait_seconds = wait_seconds
         self.early_refresh_beta = early_refresh_beta
         self.retry_after = retry_after
+        self.broadcast = broadcast
+        self.near = near
+        if broadcast is not None and near is not None:
+            broadcast.add_listener(near)
         self.stats = CacheStats()
         self._flights: dict[str, _Flight] = {}
         self._background: set[asyncio.Task[None]] = set()
@@ -110,12 +125,22 @@ class Cache:
 
     async def get(self, key: CacheKey, default: Any = None) -> Any:
         """The fresh cached value of ``key``, or ``default``."""
+        near = self.near
+        if near is not None:
+            value = near.lookup(key.physical)
+            if value is not MISSING:
+                self.stats.near_hits += 1
+                return value
+            epoch = near.epoch
         entry = await self._read(key)
         if entry is None or entry.fresh_until <= time.time():
             self.stats.misses += 1
             return default
         self.stats.hits += 1
-        return self.serializer.loads(entry.payload)
+        value = self.serializer.loads(entry.payload)
+        if near is not None:
+            near.keep(key, value, entry.fresh_until, epoch)
+        return value
 
     async def get_many(self, keys: Sequence[CacheKey], default: Any = None) -> list[Any]:
         """``get`` for several keys in one round trip."""
@@ -145,19 +170,28 @@ class Cache:
         entry within the tier's stale-while-revalidate window is returned at once while
         one background task refreshes it.
         """
+        near = self.near
         for _ in range(_MAX_ATTEMPTS):
+            if near is not None:
+                kept = near.lookup(key.physical)
+                if kept is not MISSING:
+                    self.stats.near_hits += 1
+                    return kept  # type: ignore[return-value]
+                epoch = near.epoch
             entry = await self._read(key)
             if entry is not None:
                 now = time.time()
+                value: T = self.serializer.loads(entry.payload)
                 if entry.fresh_until > now:
                     self.stats.hits += 1
+                    if near is not None:
+                        near.keep(key, value, entry.fresh_until, epoch)
                     if self._should_refresh_early(entry, now):
                         self.stats.early_refreshes += 1
                         self._refresh_in_background(key, loader)
                 else:
                     self.stats.stale_hits += 1
                     self._refresh_in_background(key, loader)
-                value: T = self.serializer.loads(entry.payload)
                 return value
             self.stats.misses += 1
             flight = self._flights.get(key.physical)
@@ -190,7 +224,8 @@ class Cache:
 
     def _start_flight(self, key: CacheKey) -> _Flight:
         # Registered before any await, so concurrent readers of the key find it.
-        flight = _Flight(asyncio.get_running_loop().create_future())
+        near_epoch = self.near.epoch if self.near is not None else 0
+        flight = _Flight(asyncio.get_running_loop().create_future(), near_epoch)
         self._flights[key.physical] = flight
         return flight
 
@@ -248,6 +283,8 @@ class Cache:
         if stored:
             self.stats.fills_stored += 1
             flight.shareable = True
+            if self.near is not None:
+                self.near.keep(key, value, entry.fresh_until, flight.near_epoch)
         else:
             self.stats.fills_dropped += 1
         return value
@@ -330,6 +367,7 @@ class Cache:
             [(key, now + expire + self.lease_seconds) for key, _, expire in writes]
         )
         await self.store.write(writes)
+        await self._announce(InvalidationPlan(keys=tuple(key for key, _, _ in writes)))
 
     async def write_through(
         self, key: CacheKey, value: T, persist: Callable[[T], Awaitable[object]]
@@ -369,34 +407,51 @@ class Cache:
             ttl + tier.stale_while_revalidate,
             conflict=Conflict.INVALIDATE,
         )
+        await self._announce(InvalidationPlan(keys=(key,)))
         return value
 
     # -- invalidation -----------------------------------------------------------------
 
     async def invalidate_keys(self, *keys: CacheKey) -> None:
         """Delete these entries; fills of them in progress will not be stored."""
-        await self.store.delete(keys)
+        await self._invalidate(InvalidationPlan(keys=keys))
 
     async def delete(self, key: CacheKey) -> None:
         """Delete one entry (``invalidate_keys`` with one key)."""
-        await self.store.delete([key])
+        await self._invalidate(InvalidationPlan(keys=(key,)))
 
     async def invalidate_tags(self, *tags: Tag) -> int:
         """Delete every entry carrying one of ``tags``; return how many keys were purged."""
-        return await self.store.purge_tags(tags)
+        return await self._invalidate(InvalidationPlan(tags=tags))
 
     async def bump_namespace(self, *namespaces: Namespace) -> None:
         """Invalidate every key of these namespaces at once (O(1) each)."""
-        await self.store.bump(namespaces)
+        await self._invalidate(InvalidationPlan(namespaces=namespaces))
 
     async def apply(self, plan: InvalidationPlan) -> None:
-        """Carry out an invalidation plan (from the dependency rules) on the store."""
+        """Carry out an invalidation plan (from the dependency rules)."""
+        await self._invalidate(plan)
+
+    async def _invalidate(self, plan: InvalidationPlan) -> int:
+        """Apply ``plan`` to the store, then to the near caches of every instance."""
+        purged = 0
         if plan.namespaces:
             await self.store.bump(plan.namespaces)
         if plan.tags:
-            await self.store.purge_tags(plan.tags)
+            purged = await self.store.purge_tags(plan.tags)
         if plan.keys:
             await self.store.delete(plan.keys)
+        await self._announce(plan)
+        return purged
+
+    async def _announce(self, plan: InvalidationPlan) -> None:
+        keys = [key.physical for key in plan.keys]
+        tags = [tag.physical for tag in plan.tags]
+        namespaces = [namespace.generation_key for namespace in plan.namespaces]
+        if self.near is not None:
+            self.near.invalidate(keys, tags, namespaces)
+        if self.broadcast is not None:
+            await self.broadcast.publish(encode_invalidation(keys, tags, namespaces))
 
     # -- life cycle -------------------------------------------------------------------
 
@@ -411,13 +466,21 @@ class Cache:
         self._store_down_until = time.monotonic() + self.retry_after
         logger.warning("cache store unavailable; serving from loaders for %ss", self.retry_after)
 
+    async def start(self) -> None:
+        """Subscribe to the broadcast (if any), so the near cache starts serving."""
+        if self.broadcast is not None:
+            await self.broadcast.start()
+
     async def aclose(self) -> None:
-        """Wait for background refreshes, then close the store."""
+        """Wait for background refreshes, stop listening, then close the store."""
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
+        if self.broadcast is not None:
+            await self.broadcast.stop()
         await self.store.close()
 
     async def __aenter__(self) -> Cache:
+        await self.start()
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
