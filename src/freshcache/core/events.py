@@ -76,9 +76,9 @@ class Event:
             "timestamp": _format_timestamp(self.timestamp),
         }
 
-    def to_json(self) -> str:
-        """The event as a JSON document."""
-        return orjson.dumps(self.to_dict()).decode()
+    def to_json(self) -> bytes:
+        """The event as a JSON document (UTF-8), as it travels on the bus."""
+        return orjson.dumps(self.to_dict())
 
 
 def parse_event(data: bytes | str | Mapping[str, object]) -> Event:

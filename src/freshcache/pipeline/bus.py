@@ -121,6 +121,11 @@ class Bus(Protocol):
         pending plus those not delivered yet. Zero means the group is done."""
         ...
 
+    async def peek(self, topic: str, group: str, count: int) -> list[Message]:
+        """The first ``count`` messages ``group`` has not been handed yet, without handing
+        them out (``deliveries == 0``): for inspection."""
+        ...
+
     async def close(self) -> None:
         """Release connections."""
         ...
@@ -301,12 +306,16 @@ class RedisStreamBus:
                 )
         return acked
 
-    async def pending(self, topic: str, group: str) -> int:
+    async def _group_info(self, topic: str, group: str) -> dict[str, Any]:
         with _translated_errors(topic, group):
             groups = await self.client.xinfo_groups(topic)
         info = next((info for info in groups if info["name"] == group.encode()), None)
         if info is None:
             raise GroupNotFound(f"no group {group!r} on topic {topic!r}")
+        return info
+
+    async def pending(self, topic: str, group: str) -> int:
+        info = await self._group_info(topic, group)
         undelivered = info["lag"]
         if undelivered is None:
             # Redis cannot tell the lag when entries were deleted (XDEL) after the
@@ -327,6 +336,15 @@ class RedisStreamBus:
                 return counted
             counted += len(entries)
             start = b"(" + entries[-1][0]
+
+    async def peek(self, topic: str, group: str, count: int) -> list[Message]:
+        info = await self._group_info(topic, group)
+        with _translated_errors(topic):
+            entries = cast(
+                list[tuple[bytes, dict[bytes, bytes]]],
+                await self.client.xrange(topic, min=b"(" + info["last-delivered-id"], count=count),
+            )
+        return [_message(topic, entry_id, fields, 0) for entry_id, fields in entries]
 
     async def close(self) -> None:
         await self.client.aclose()
@@ -466,6 +484,11 @@ class MemoryBus:
     async def pending(self, topic: str, group: str) -> int:
         log, state = self._group(topic, group)
         return len(state.pending) + log.next_sequence - state.next_sequence
+
+    async def peek(self, topic: str, group: str, count: int) -> list[Message]:
+        log, state = self._group(topic, group)
+        sequences = range(state.next_sequence, min(log.next_sequence, state.next_sequence + count))
+        return [Message(_memory_id(seq), topic, log.payloads[seq], 0) for seq in sequences]
 
     def retained(self, topic: str) -> int:
         """How many messages ``topic`` holds in memory (published, not yet trimmed)."""
