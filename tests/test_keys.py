@@ -191,3 +191,14 @@ def test_user_declared_templates_and_prefix() -> None:
         KeySpace(prefix="a{b}")
     with pytest.raises(TemplateError, match="already declared"):
         keyspace.declare("orders:{tenantId}:{orderId}")
+
+
+def test_surrogate_keys_name_the_entry_its_tags_and_namespace() -> None:
+    page = KEYSPACE["products:{tenantId}:category:{categoryId}:page:{page}"](
+        tenantId="t 1", categoryId="c", page=1
+    )
+    assert page.surrogate_keys == (
+        "products:t%201:category:c:page:1",
+        "category:t%201:c",
+        "products:t%201",
+    )

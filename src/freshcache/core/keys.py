@@ -167,6 +167,16 @@ class CacheKey:
     def tier(self) -> Tier:
         return self.template.tier
 
+    @property
+    def surrogate_keys(self) -> tuple[str, ...]:
+        """The CDN surrogate keys of a response built from this entry: its name, its tags'
+        and its namespace's. Purging any of them (as the invalidation workers do for a
+        plan's keys, tags and namespaces) removes the response from the CDN too."""
+        names = [self.name, *(tag.name for tag in self.tags)]
+        if self.namespace is not None:
+            names.append(self.namespace.name)
+        return tuple(names)
+
     def __str__(self) -> str:
         return self.name
 
