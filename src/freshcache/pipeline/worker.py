@@ -59,7 +59,7 @@ _REPLAY_GROUP = "freshcache-replay"
 
 def cdn_tags(plan: InvalidationPlan) -> list[str]:
     """The surrogate keys a plan purges from the CDN: the names of its keys, tags and
-    namespaces (responses carry their key's :attr:`~freshcache.core.keys.CacheKey.surrogate_keys`)."""
+    namespaces (a response carries its key's ``CacheKey.surrogate_keys``)."""
     return [
         *(key.name for key in plan.keys),
         *(tag.name for tag in plan.tags),
