@@ -14,6 +14,8 @@ from freshcache.core.keys import CacheKey, KeySpace, commerce_keyspace
 from freshcache.core.plan import InvalidationPlan
 from freshcache.core.policy import Tier
 from freshcache.stores.base import Store
+from freshcache.stores.redis import RedisStore
+from freshcache.testing import RedisServer
 
 KEYSPACE = commerce_keyspace()
 PRODUCT = KEYSPACE["product:{tenantId}:{productId}"]
@@ -282,3 +284,29 @@ async def test_apply_carries_out_a_plan(store: Store) -> None:
         3,
         None,
     ]
+
+
+@pytest.mark.usefixtures("redis_client")  # a flushed database
+async def test_overlapping_purges_of_a_tag_both_cancel_an_older_fill(
+    redis_server: RedisServer,
+) -> None:
+    """A purge must not return while an overlapping purge of the same tag has read the
+    index but not yet cancelled the fills it lists (found by bench/race.py)."""
+    reader, first_writer, second_writer = (
+        Cache(RedisStore.from_url(redis_server.url)) for _ in range(3)
+    )
+    source = Source()
+    gate = asyncio.Event()
+    fill = asyncio.create_task(reader.get_or_load(product(), source.loader("p1", gate)))
+    await asyncio.sleep(0.05)  # the fill holds the lease, is registered, has read version 0
+    source.version["p1"] = 1
+    store = first_writer.store
+    assert isinstance(store, RedisStore)
+    await store._members(keys=[product().tags[0].physical])  # first purge, paused after step 1
+    source.version["p1"] = 2
+    await second_writer.invalidate_tags(*product().tags)  # the second purge runs to the end
+    gate.set()
+    await fill
+    assert await second_writer.get_or_load(product(), source.loader("p1")) == 2
+    for cache in (reader, first_writer, second_writer):
+        await cache.aclose()

@@ -9,7 +9,8 @@ Layout of one entry (all in one Cluster slot, thanks to the key's hash tag):
 
 Tag indexes are sorted sets (``<prefix>tag:{<tag>}``) of physical keys scored by the time
 their entry expires at the latest, pruned as they are written to and expiring with their
-last member. Each Lua script touches keys of one slot only, so the same code runs on a
+last member. A purge deletes the members' entries and leases before it removes them from
+the index, and removes only those not registered again meanwhile. Each Lua script touches keys of one slot only, so the same code runs on a
 cluster.
 """
 
@@ -54,10 +55,17 @@ end
 """
 
 # KEYS: tag index. ARGV: member, until ms, now ms.
+# Every registration strictly raises the member's score, so a purge that read the index
+# before it can tell the registration is newer (see _FORGET_UNCHANGED).
 _REGISTER = """
-redis.call('ZADD', KEYS[1], 'GT', ARGV[2], ARGV[1])
+local until_ms = tonumber(ARGV[2])
+local current = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if current and tonumber(current) >= until_ms then
+  until_ms = tonumber(current) + 1
+end
+redis.call('ZADD', KEYS[1], until_ms, ARGV[1])
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. ARGV[3])
-local ttl = tonumber(ARGV[2]) - tonumber(ARGV[3])
+local ttl = until_ms - tonumber(ARGV[3])
 if redis.call('PTTL', KEYS[1]) < ttl then
   redis.call('PEXPIRE', KEYS[1], ttl)
 end
@@ -87,13 +95,28 @@ redis.call('SET', KEYS[1], generation .. '|' .. ARGV[1], 'PX', ARGV[2])
 redis.call('DEL', KEYS[2])
 """
 
-# KEYS: tag index. Reads and deletes the index in one step, so a key registered while a
-# purge runs is either purged now or stays registered for the next purge.
-_TAKE_MEMBERS = """
-local members = redis.call('ZRANGE', KEYS[1], 0, -1)
-redis.call('DEL', KEYS[1])
-return members
+# KEYS: tag index. Returns [member, score, member, score, ...] with scores as Redis
+# renders them, to compare with ZSCORE's later.
+_MEMBERS = """
+return redis.call('ZRANGE', KEYS[1], 0, -1, 'WITHSCORES')
 """
+
+# KEYS: tag index. ARGV: member, score, member, score, ... as read by _MEMBERS.
+# Removes the members still registered with the score read: one registered again since
+# (a newer fill, with a higher score) stays for the next purge.
+_FORGET_UNCHANGED = """
+local removed = 0
+for i = 1, #ARGV, 2 do
+  if redis.call('ZSCORE', KEYS[1], ARGV[i]) == ARGV[i + 1] then
+    removed = removed + redis.call('ZREM', KEYS[1], ARGV[i])
+  end
+end
+return removed
+"""
+
+# Keys per DEL command and member/score pairs per _FORGET_UNCHANGED call: well below
+# Lua's unpack limit and Redis' argument buffers.
+_CHUNK = 1000
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -147,7 +170,8 @@ class RedisStore:
         self._register = client.register_script(_REGISTER)
         self._commit = client.register_script(_COMMIT)
         self._write = client.register_script(_WRITE)
-        self._take_members = client.register_script(_TAKE_MEMBERS)
+        self._members = client.register_script(_MEMBERS)
+        self._forget_unchanged = client.register_script(_FORGET_UNCHANGED)
 
     @classmethod
     def from_url(
@@ -283,16 +307,19 @@ class RedisStore:
 
     @_unavailable_on_connection_error
     async def purge_tags(self, tags: Sequence[Tag]) -> int:
-        members: set[bytes] = set()
-        for tag in tags:
-            members.update(await self._take_members(keys=[tag.physical]))
-        if not members:
-            return 0
-        async with self.client.pipeline(transaction=False) as pipe:
-            for member in members:
-                physical = member.decode()
-                pipe.delete(physical, lease_key(physical))
-            await pipe.execute()
+        # Members leave the index only after their entries and leases are gone: a purge
+        # running concurrently for a later change must still find them, or it could
+        # return while a fill that read the older data is yet to be cancelled.
+        snapshots = [(tag, await self._members(keys=[tag.physical])) for tag in tags]
+        members = {member for _, flat in snapshots for member in flat[::2]}
+        doomed = [name for member in members for name in (member, lease_key(member.decode()))]
+        for start in range(0, len(doomed), _CHUNK):
+            await self.client.delete(*doomed[start : start + _CHUNK])
+        for tag, flat in snapshots:
+            for start in range(0, len(flat), 2 * _CHUNK):
+                await self._forget_unchanged(
+                    keys=[tag.physical], args=flat[start : start + 2 * _CHUNK]
+                )
         return len(members)
 
     @_unavailable_on_connection_error
