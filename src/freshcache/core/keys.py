@@ -44,6 +44,7 @@ _PREFIX = re.compile(r"^[A-Za-z0-9_.\-:]*$")
 # Unreserved characters stay as they are; everything else is percent-encoded, ``%``
 # included, so escaping is injective and never yields ``:``, ``*``, braces or spaces.
 _SAFE = "-_.~"
+_ALREADY_SAFE = re.compile(r"[A-Za-z0-9_.~\-]+")
 
 
 class InvalidKeyPart(ValueError):
@@ -63,6 +64,8 @@ def escape_part(name: str, value: object, max_length: int) -> str:
         raise InvalidKeyPart(f"{name}: must not be empty")
     if len(text) > max_length:
         raise InvalidKeyPart(f"{name}: longer than {max_length} characters ({len(text)})")
+    if _ALREADY_SAFE.fullmatch(text):
+        return text  # the usual id (digits, uuid, slug): nothing to check or escape
     for char in text:
         if unicodedata.category(char) in ("Cc", "Cs"):
             raise InvalidKeyPart(f"{name}: contains control character {char!r}")
