@@ -4,12 +4,9 @@ of a real origin process (tests/helpers/origin.py)."""
 from __future__ import annotations
 
 import asyncio
-import os
 import re
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -18,10 +15,8 @@ import httpx
 import pytest
 
 from freshcache.pipeline.cdn import CdnPurger, VarnishPurger
-from freshcache.testing import free_port
+from freshcache.testing import VarnishServer, free_port
 
-REPOSITORY = Path(__file__).resolve().parents[1]
-SHIPPED_VCL = REPOSITORY / "deploy" / "varnish" / "default.vcl"
 ORIGIN_SCRIPT = Path(__file__).resolve().parent / "helpers" / "origin.py"
 
 
@@ -42,8 +37,8 @@ def _wait_until(
     raise RuntimeError(f"{description} did not become ready within 20 s")
 
 
-def _answers_200(method: str, url: str, headers: dict[str, str] | None = None) -> bool:
-    return httpx.request(method, url, headers=headers, trust_env=False).status_code == 200
+def _answers_200(url: str) -> bool:
+    return httpx.get(url, trust_env=False).status_code == 200
 
 
 def _stop(process: subprocess.Popen[bytes]) -> None:
@@ -56,23 +51,13 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
             process.wait()
 
 
-def backend_vcl(host: str, port: int) -> str:
-    """The shipped VCL with its backend block pointed at ``host:port``."""
-    vcl = SHIPPED_VCL.read_text()
-    block = re.compile(r"^backend default \{\n.*?^\}\n", re.MULTILINE | re.DOTALL)
-    replacement = f'backend default {{\n    .host = "{host}";\n    .port = "{port}";\n}}\n'
-    templated, count = block.subn(replacement, vcl)
-    assert count == 1, "default.vcl must contain exactly one `backend default { ... }` block"
-    return templated
-
-
 @pytest.fixture(scope="module")
 def origin_url() -> Iterator[str]:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     process = subprocess.Popen([sys.executable, str(ORIGIN_SCRIPT), str(port)])
     try:
-        _wait_until(lambda: _answers_200("GET", f"{url}/__hits"), "the origin", process)
+        _wait_until(lambda: _answers_200(f"{url}/__hits"), "the origin", process)
         yield url
     finally:
         _stop(process)
@@ -80,47 +65,8 @@ def origin_url() -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def varnish_url(origin_url: str) -> Iterator[str]:
-    # varnishd lives in /usr/sbin, which a non-login PATH may lack.
-    binary = shutil.which("varnishd", path=f"{os.environ.get('PATH', '')}:/usr/sbin")
-    if binary is None:
-        raise RuntimeError(
-            "varnishd not found; install it with: apt-get install -y varnish varnish-modules"
-        )
-    workdir = Path(tempfile.mkdtemp(prefix="freshcache-varnish-"))
-    vcl = workdir / "default.vcl"
-    vcl.write_text(backend_vcl("127.0.0.1", int(origin_url.rsplit(":", 1)[1])))
-    port = free_port()
-    log_path = workdir / "varnishd.log"
-    args = [
-        binary,
-        "-F",
-        "-n", str(workdir / "instance"),
-        # The tests run as root; without a jail varnishd needs no varnish user.
-        "-j", "none",
-        "-a", f"127.0.0.1:{port}",
-        "-T", f"127.0.0.1:{free_port()}",
-        "-f", str(vcl),
-        "-s", "malloc,32m",
-    ]  # fmt: skip
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        try:
-            # A tag purge is answered by the VCL itself: it shows the VCL is loaded.
-            _wait_until(
-                lambda: _answers_200("PURGE", url, {"xkey-purge": "none"}), "varnishd", process
-            )
-        except RuntimeError as error:
-            log_text = log_path.read_text(errors="replace")
-            hint = ""
-            if "xkey" in log_text:
-                hint = "\nIs varnish-modules installed? apt-get install -y varnish-modules"
-            raise RuntimeError(f"{error}:\n{log_text[-3000:]}{hint}") from error
-        yield url
-    finally:
-        _stop(process)
-        shutil.rmtree(workdir, ignore_errors=True)
+    with VarnishServer(backend_port=int(origin_url.rsplit(":", 1)[1])) as varnish:
+        yield varnish.url
 
 
 @pytest.fixture

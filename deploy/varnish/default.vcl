@@ -85,7 +85,10 @@ sub vcl_backend_response {
         std.collect(beresp.http.Surrogate-Key, " ");
         if (beresp.http.xkey) {
             std.collect(beresp.http.xkey, " ");
-            set beresp.http.xkey = beresp.http.xkey + " " + beresp.http.Surrogate-Key;
+            # freshcache sends the same keys in both headers: index them once.
+            if (beresp.http.xkey != beresp.http.Surrogate-Key) {
+                set beresp.http.xkey = beresp.http.xkey + " " + beresp.http.Surrogate-Key;
+            }
         } else {
             set beresp.http.xkey = beresp.http.Surrogate-Key;
         }

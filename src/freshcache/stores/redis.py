@@ -10,8 +10,9 @@ Layout of one entry (all in one Cluster slot, thanks to the key's hash tag):
 Tag indexes are sorted sets (``<prefix>tag:{<tag>}``) of physical keys scored by the time
 their entry expires at the latest, pruned as they are written to and expiring with their
 last member. A purge deletes the members' entries and leases before it removes them from
-the index, and removes only those not registered again meanwhile. Each Lua script touches keys of one slot only, so the same code runs on a
-cluster.
+the index, and removes only those not registered again meanwhile.
+
+Each Lua script touches keys of one slot only, so the same code runs on a cluster.
 """
 
 from __future__ import annotations
