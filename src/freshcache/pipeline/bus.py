@@ -34,6 +34,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from freshcache.stores.base import StoreUnavailable
 
 __all__ = [
+    "EVENTS_TOPIC",
     "Bus",
     "GroupNotFound",
     "MemoryBus",
@@ -43,6 +44,9 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+EVENTS_TOPIC = "freshcache:events"
+"""Where change events travel: the outbox relay and the application publish, workers read."""
 
 
 class GroupNotFound(LookupError):

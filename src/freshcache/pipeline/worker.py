@@ -36,7 +36,7 @@ from freshcache.cache import Cache
 from freshcache.core.events import Event, InvalidEvent, parse_event
 from freshcache.core.plan import InvalidationPlan
 from freshcache.core.rules import RuleSet
-from freshcache.pipeline.bus import Bus, GroupNotFound, Message
+from freshcache.pipeline.bus import EVENTS_TOPIC, Bus, GroupNotFound, Message
 from freshcache.pipeline.cdn import CdnPurger
 
 __all__ = [
@@ -52,7 +52,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-EVENTS_TOPIC = "freshcache:events"
 DEAD_LETTER_TOPIC = "freshcache:dead-letters"
 _REPLAY_GROUP = "freshcache-replay"
 
