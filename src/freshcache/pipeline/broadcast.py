@@ -182,11 +182,15 @@ class RedisBroadcast(Broadcast):
         self.health_check_interval = health_check_interval
 
     @classmethod
-    def from_url(cls, url: str, channel: str = "freshcache:invalidations") -> RedisBroadcast:
+    def from_url(
+        cls, url: str, channel: str = "freshcache:invalidations", **options: Any
+    ) -> RedisBroadcast:
+        """Connect to ``url`` with a client of its own (closed by ``stop``); ``options``
+        as for the constructor (``reconnect_delay``, ``health_check_interval``)."""
         client = redis.Redis.from_url(
             url, socket_connect_timeout=1.0, retry=Retry(NoBackoff(), 0), decode_responses=False
         )
-        return cls(client, channel, owns_client=True)
+        return cls(client, channel, owns_client=True, **options)
 
     async def _close(self) -> None:
         if self.owns_client:
