@@ -122,3 +122,38 @@ def rules_check(
         out.print(Text(f"note: no event type fires {name}", style="yellow"))
     summary = f"ok: {len(rows)} patterns in {len(rules.triggers)} triggers"
     out.print(Text(summary, style="bold green"))
+
+
+@app.command("serve")
+def serve(
+    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    demo: Annotated[
+        bool, typer.Option("--demo/--no-demo", help="Create demo data in an empty database.")
+    ] = True,
+) -> None:
+    """Run the marketplace service.
+
+    With nothing configured it runs embedded (SQLite in FRESHCACHE_DATA_DIR, default
+    ./.freshcache; in-process cache, bus, relay and worker). FRESHCACHE_DATABASE_URL
+    (PostgreSQL) and FRESHCACHE_REDIS_URL switch it to production, where several
+    instances share the database and Redis.
+    """
+    import uvicorn
+
+    from freshcache.marketplace import Settings, create_app
+    from freshcache.marketplace.banner import startup_banner
+
+    try:
+        settings = Settings.from_env(demo=demo)
+    except ValueError as error:
+        Console(stderr=True, soft_wrap=True).print(Text(str(error), style="bold red"))
+        raise typer.Exit(2) from None
+    url = f"http://{host}:{port}"
+    application = create_app(
+        settings,
+        on_ready=lambda _runtime, tenants: print(
+            startup_banner(settings, url, tenants), flush=True
+        ),
+    )
+    uvicorn.run(application, host=host, port=port, log_level="info")

@@ -1,0 +1,60 @@
+"""How a route reads through the cache and declares its HTTP caching in one call.
+
+:func:`cached_read` is cache-aside with the library's leases (``Cache.get_or_load``),
+records hit or miss for the metrics, and sets the response's :class:`CachePolicy`:
+private and ``Vary: Authorization`` for tenant data, public for marketplace data.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import replace
+from typing import Literal, TypeVar
+
+from fastapi import Request
+
+from freshcache.core.keys import CacheKey
+from freshcache.core.policy import Tier
+from freshcache.marketplace.auth import runtime_of
+from freshcache.marketplace.metrics import Metrics
+from freshcache.web import CachePolicy, set_cache_policy
+
+__all__ = ["cached_read", "never_cache", "with_tier"]
+
+T = TypeVar("T")
+
+
+def with_tier(key: CacheKey, tier: Tier) -> CacheKey:
+    """The same entry (same physical key, tags and namespace, so the same invalidations
+    reach it) stored for ``tier``'s TTL instead of its template's: today's report is
+    still changing (short tier) while past days' are final (the template's long tier)."""
+    return replace(key, template=replace(key.template, tier=tier))
+
+
+async def cached_read(
+    request: Request,
+    key: CacheKey,
+    loader: Callable[[], Awaitable[T]],
+    scope: Literal["private", "public"],
+) -> T:
+    """The value of ``key``, loaded by ``loader`` on a miss; the response gets the key's
+    tier and surrogate keys as its HTTP caching policy. An exception of the loader (e.g.
+    a 404) propagates and nothing is cached."""
+    loaded = False
+
+    async def load() -> T:
+        nonlocal loaded
+        loaded = True
+        return await loader()
+
+    value = await runtime_of(request).cache.get_or_load(key, load)
+    metrics: Metrics = request.app.state.metrics
+    metrics.record_cache_result(request, hit=not loaded)
+    vary = ("Authorization",) if scope == "private" else ()
+    set_cache_policy(request, CachePolicy.for_key(key, scope, vary=vary))
+    return value
+
+
+def never_cache(request: Request) -> None:
+    """The response holds live data (stock): no cache may keep it."""
+    set_cache_policy(request, CachePolicy.never())
