@@ -9,8 +9,9 @@ import pytest
 from typer.testing import CliRunner, Result
 
 from freshcache.cli import app
+from freshcache.core.rules import MARKETPLACE_RULES as SHIPPED_RULES
 
-MARKETPLACE_RULES = Path(__file__).parent.parent / "rules" / "marketplace.yaml"
+MARKETPLACE_RULES = Path(str(SHIPPED_RULES))
 
 # Whatever the surrounding terminal says, the command sees a plain pipe.
 PLAIN_OUTPUT: dict[str, str | None] = {
@@ -44,7 +45,7 @@ def test_rules_check_prints_what_each_pattern_compiles_to() -> None:
     )
     assert any("bump namespace products:{tenantId}" in line for line in lines)
     assert any("category.updated" in line and "category_tree_triggers" in line for line in lines)
-    assert "ok: 15 patterns in 6 triggers" in result.output
+    assert "ok: 17 patterns in 7 triggers" in result.output
 
 
 def test_rules_check_names_the_pattern_that_fails(tmp_path: Path) -> None:

@@ -7,7 +7,6 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AsyncExitStack
-from pathlib import Path
 
 import pytest
 from sqlalchemy import Column, Integer, MetaData, Table, Text, func, insert, select, text
@@ -15,7 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from freshcache.cache import Cache
 from freshcache.core.keys import CacheKey, commerce_keyspace
-from freshcache.core.rules import RuleSet
+from freshcache.core.rules import MARKETPLACE_RULES, RuleSet
 from freshcache.near import MISSING, NearCache
 from freshcache.pipeline.broadcast import RedisBroadcast
 from freshcache.pipeline.bus import EVENTS_TOPIC, RedisStreamBus
@@ -27,9 +26,7 @@ from freshcache.testing import PostgresServer, RedisServer
 
 KEYSPACE = commerce_keyspace()
 PRODUCT = KEYSPACE["product:{tenantId}:{productId}"]
-RULES = RuleSet.from_yaml(
-    (Path(__file__).parents[1] / "rules" / "marketplace.yaml").read_text(), KEYSPACE
-)
+RULES = RuleSet.from_yaml(MARKETPLACE_RULES.read_text(), KEYSPACE)
 products = Table(
     "products",
     MetaData(),

@@ -13,9 +13,10 @@ from hypothesis import strategies as st
 from freshcache.core.events import InvalidEvent, new_event
 from freshcache.core.keys import CacheKey, KeySpace, commerce_keyspace, escape_part
 from freshcache.core.plan import InvalidationPlan
+from freshcache.core.rules import MARKETPLACE_RULES as SHIPPED_RULES
 from freshcache.core.rules import Mechanism, RuleError, RuleSet, compile_pattern
 
-MARKETPLACE_RULES = Path(__file__).parent.parent / "rules" / "marketplace.yaml"
+MARKETPLACE_RULES = Path(str(SHIPPED_RULES))
 
 SEED_RULES = """\
 product_update_triggers:

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Sequence
-from pathlib import Path
 
 import pytest
 
 from freshcache.cache import Cache
 from freshcache.core.events import new_event
 from freshcache.core.keys import commerce_keyspace
-from freshcache.core.rules import RuleSet
+from freshcache.core.rules import MARKETPLACE_RULES, RuleSet
 from freshcache.pipeline.bus import Bus, MemoryBus, RedisStreamBus
 from freshcache.pipeline.cdn import PurgeError
 from freshcache.pipeline.worker import (
@@ -26,9 +25,7 @@ from freshcache.stores.redis import RedisStore
 from freshcache.testing import RedisServer
 
 KEYSPACE = commerce_keyspace()
-RULES = RuleSet.from_yaml(
-    (Path(__file__).parents[1] / "rules" / "marketplace.yaml").read_text(), KEYSPACE
-)
+RULES = RuleSet.from_yaml(MARKETPLACE_RULES.read_text(), KEYSPACE)
 PRODUCT = KEYSPACE["product:{tenantId}:{productId}"]
 PAGE = KEYSPACE["products:{tenantId}:category:{categoryId}:page:{page}"]
 

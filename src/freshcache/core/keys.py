@@ -427,10 +427,11 @@ def commerce_keyspace(prefix: str = "fc:") -> KeySpace:
         namespace="marketplace:shops:nearby",
     )
     keyspace.declare("public:categories:hierarchy", tier="long", tags=["categories"])
-    # Keys that the dependency rules (rules/marketplace.yaml) invalidate: a tenant's search
-    # results, its product-popularity reports (a namespace of their own, so that product
-    # updates leave the daily reports alone), a category's cached views (tagged like the
-    # listing pages of the category) and the marketplace's public category pages.
+    # Keys that the shipped dependency rules (rules/marketplace.yaml) invalidate: a
+    # tenant's search results, its product-popularity reports (a namespace of their own,
+    # so that product updates leave the daily reports alone), a category's cached views
+    # (tagged like the listing pages of the category) and the marketplace's public category
+    # pages.
     keyspace.declare(
         "search:{tenantId}:{query}:page:{page}", tier="medium", namespace="search:{tenantId}"
     )

@@ -30,6 +30,7 @@ import re
 from collections.abc import Hashable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
+from importlib import resources
 from typing import Any, Literal, NamedTuple
 from urllib.parse import unquote
 
@@ -40,6 +41,7 @@ from freshcache.core.keys import InvalidKeyPart, KeySpace, KeyTemplate, Pattern,
 from freshcache.core.plan import InvalidationPlan
 
 __all__ = [
+    "MARKETPLACE_RULES",
     "CompiledPattern",
     "Constant",
     "Mechanism",
@@ -51,6 +53,10 @@ __all__ = [
     "Trigger",
     "compile_pattern",
 ]
+
+MARKETPLACE_RULES = resources.files("freshcache") / "rules" / "marketplace.yaml"
+"""The shipped rules of the marketplace (the specification's two maps and ours), for
+``RuleSet.from_yaml(MARKETPLACE_RULES.read_text(), commerce_keyspace())``."""
 
 _PLACEHOLDER = re.compile(r"^\{([A-Za-z_][A-Za-z0-9_]*)\}$")
 _EVENTS_SECTION = "events"

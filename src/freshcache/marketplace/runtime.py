@@ -20,14 +20,13 @@ import os
 import secrets
 import socket
 from dataclasses import dataclass
-from importlib import resources
 
 import redis.asyncio as redis
 
 from freshcache.cache import Cache
 from freshcache.core.events import Event
 from freshcache.core.keys import KeySpace, commerce_keyspace
-from freshcache.core.rules import RuleError, RuleSet
+from freshcache.core.rules import MARKETPLACE_RULES, RuleError, RuleSet
 from freshcache.marketplace.database import Database
 from freshcache.marketplace.schema import WATCHED_TABLES
 from freshcache.marketplace.settings import Settings
@@ -64,7 +63,7 @@ def load_rules(settings: Settings, keyspace: KeySpace) -> RuleSet:
     if settings.rules_path is not None:
         text = settings.rules_path.read_text(encoding="utf-8")
     else:
-        text = resources.files("freshcache.marketplace").joinpath("rules.yaml").read_text()
+        text = MARKETPLACE_RULES.read_text(encoding="utf-8")
     rules = RuleSet.from_yaml(text, keyspace)
     produced = {
         f"{watched.entity}.{action}"
