@@ -6,11 +6,14 @@ what it needs from its options when it runs, never at import time.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import importlib
 import os
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -19,6 +22,11 @@ from rich.text import Text
 
 from freshcache.core.keys import KeySpace, commerce_keyspace
 from freshcache.core.rules import RuleError, RuleSet
+
+if TYPE_CHECKING:
+    from freshcache.marketplace import Settings
+    from freshcache.pipeline.bus import RedisStreamBus
+    from freshcache.pipeline.worker import DeadLetter
 
 __all__ = ["app"]
 
@@ -29,6 +37,10 @@ app = typer.Typer(
 )
 rules_app = typer.Typer(help="Check and inspect dependency rules.", no_args_is_help=True)
 app.add_typer(rules_app, name="rules")
+deadletters_app = typer.Typer(
+    help="Inspect and replay events the workers set aside.", no_args_is_help=True
+)
+app.add_typer(deadletters_app, name="deadletters")
 
 KeySpaceOption = Annotated[
     str | None,
@@ -141,14 +153,10 @@ def serve(
     """
     import uvicorn
 
-    from freshcache.marketplace import Settings, create_app
+    from freshcache.marketplace import create_app
     from freshcache.marketplace.banner import startup_banner
 
-    try:
-        settings = Settings.from_env(demo=demo)
-    except ValueError as error:
-        Console(stderr=True, soft_wrap=True).print(Text(str(error), style="bold red"))
-        raise typer.Exit(2) from None
+    settings = _settings_or_exit(demo=demo)
     url = f"http://{host}:{port}"
     application = create_app(
         settings,
@@ -157,3 +165,124 @@ def serve(
         ),
     )
     uvicorn.run(application, host=host, port=port, log_level="info")
+
+
+def _settings_or_exit(**overrides: Any) -> Settings:
+    from freshcache.marketplace import Settings
+
+    try:
+        return Settings.from_env(**overrides)
+    except ValueError as error:
+        Console(stderr=True, soft_wrap=True).print(Text(str(error), style="bold red"))
+        raise typer.Exit(2) from None
+
+
+def _redis_bus_or_exit() -> RedisStreamBus:
+    from freshcache.pipeline.bus import RedisStreamBus
+
+    url = os.environ.get("FRESHCACHE_REDIS_URL")
+    if not url:
+        Console(stderr=True).print(
+            Text("FRESHCACHE_REDIS_URL is not set: the embedded bus lives inside `serve`.", "red")
+        )
+        raise typer.Exit(2)
+    import redis.asyncio as redis
+
+    return RedisStreamBus(redis.Redis.from_url(url, socket_connect_timeout=2.0))
+
+
+@app.command("worker")
+def worker() -> None:
+    """Run the invalidation pipeline without serving HTTP: the outbox relay and a worker.
+
+    For production (FRESHCACHE_DATABASE_URL and FRESHCACHE_REDIS_URL set): run as many as
+    you like; `serve` instances then run with FRESHCACHE_RUN_PIPELINE=0. Stops on Ctrl-C.
+    """
+    from freshcache.marketplace.runtime import Runtime
+
+    settings = _settings_or_exit(demo=False, run_pipeline=True)
+    if settings.embedded:
+        Console(stderr=True).print(
+            Text("set FRESHCACHE_REDIS_URL: an embedded `serve` runs its own worker", "red")
+        )
+        raise typer.Exit(2)
+
+    async def run() -> None:
+        runtime = Runtime(settings)
+        await runtime.start()
+        print(f"worker {runtime.worker.consumer} running; Ctrl-C stops it", flush=True)
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await runtime.stop()
+
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(run())
+
+
+@deadletters_app.command("list")
+def deadletters_list(
+    count: Annotated[int, typer.Option(help="How many to show, oldest first.")] = 20,
+) -> None:
+    """Show the events set aside by workers (malformed, or failing too often)."""
+    from freshcache.pipeline.worker import list_dead_letters
+
+    async def run() -> list[DeadLetter]:
+        bus = _redis_bus_or_exit()
+        try:
+            return await list_dead_letters(bus, count)
+        finally:
+            await bus.close()
+
+    letters = asyncio.run(run())
+    table = Table(title=f"Dead letters ({len(letters)} shown)")
+    table.add_column("Id")
+    table.add_column("Failed at")
+    table.add_column("Reason", style="red", overflow="fold")
+    table.add_column("Payload", overflow="fold")
+    for letter in letters:
+        failed_at = datetime.fromtimestamp(letter.failed_at, UTC).isoformat(timespec="seconds")
+        payload = letter.payload.decode("utf-8", "replace")
+        table.add_row(letter.message_id, failed_at, letter.reason, payload)
+    _console_for(table).print(table)
+
+
+@deadletters_app.command("replay")
+def deadletters_replay(
+    count: Annotated[int, typer.Option(help="How many to replay, oldest first.")] = 100,
+) -> None:
+    """Put dead letters back on the topic they came from (after fixing the cause)."""
+    from freshcache.pipeline.worker import replay_dead_letters
+
+    async def run() -> int:
+        bus = _redis_bus_or_exit()
+        try:
+            return len(await replay_dead_letters(bus, count))
+        finally:
+            await bus.close()
+
+    print(f"replayed {asyncio.run(run())} dead letters")
+
+
+@app.command("invalidate")
+def invalidate(
+    event: Annotated[str, typer.Argument(help="An application event, as the seed's JSON.")],
+) -> None:
+    """Validate an event and publish it to the bus for the workers (production)."""
+    from freshcache.core.events import InvalidEvent, parse_event
+    from freshcache.pipeline.bus import EVENTS_TOPIC
+
+    try:
+        parsed = parse_event(event)
+    except InvalidEvent as error:
+        Console(stderr=True, soft_wrap=True).print(Text(f"invalid event: {error}", "bold red"))
+        raise typer.Exit(1) from None
+
+    async def run() -> str:
+        bus = _redis_bus_or_exit()
+        try:
+            return await bus.publish(EVENTS_TOPIC, parsed.to_json())
+        finally:
+            await bus.close()
+
+    print(f"published {parsed.event_type} {parsed.event_id} as {asyncio.run(run())}")
