@@ -23,13 +23,13 @@ check: $(STAMP)
 	$(VENV)/bin/ruff format --check src tests bench
 	$(VENV)/bin/mypy
 
+BENCHES := race cache_ops pipeline
+
 bench: $(STAMP)
-	$(PY) bench/race.py
-	$(PY) bench/cache_ops.py
+	set -e; for name in $(BENCHES); do $(PY) bench/$$name.py; done
 
 bench-quick: $(STAMP)
-	$(PY) bench/race.py --quick
-	$(PY) bench/cache_ops.py --quick
+	set -e; for name in $(BENCHES); do $(PY) bench/$$name.py --quick; done
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,4 +1,5 @@
-"""What the bench scripts share: the raw Redis client, the text table and the figures line.
+"""What the bench scripts share: the raw Redis client, the text table, the figures line,
+throughput loops, and helper processes that answer JSON lines.
 
 Every script ends by printing one JSON line with its figures, so tests and CI can parse
 the last line of its output whatever the table above it looks like.
@@ -6,14 +7,34 @@ the last line of its output whatever the table above it looks like.
 
 from __future__ import annotations
 
+import asyncio
 import json
-from collections.abc import Sequence
+import math
+import statistics
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from typing import Any
 
 import redis.asyncio as redis
 
 from freshcache import RedisStore
 
-__all__ = ["emit_figures", "print_table", "raw_client"]
+__all__ = [
+    "HelperProcess",
+    "emit_figures",
+    "median_ratio",
+    "ops_per_second",
+    "percentile",
+    "print_table",
+    "raw_client",
+    "read_commands",
+    "reply",
+    "rotating_rounds",
+]
+
+# Helpers exchange whole key lists on one line: far beyond asyncio's 64 KiB default.
+_LINE_LIMIT = 2**28
 
 
 def raw_client(url: str) -> redis.Redis:
@@ -56,3 +77,116 @@ def _format_cell(value: object) -> str:
 def emit_figures(figures: dict[str, object]) -> None:
     """Print the figures as the script's last line (one JSON object)."""
     print(json.dumps(figures, sort_keys=False), flush=True)
+
+
+async def ops_per_second(get: Callable[[], Awaitable[object]], iterations: int) -> float:
+    """Sequential calls of ``get`` per second."""
+    started = time.perf_counter()
+    for _ in range(iterations):
+        await get()
+    return iterations / (time.perf_counter() - started)
+
+
+async def rotating_rounds(
+    contenders: Mapping[str, Callable[[], Awaitable[object]]], rounds: int, iterations: int
+) -> dict[str, list[float]]:
+    """Ops/s of each contender, one figure per round; each round starts with the next
+    contender, so that none always runs first (or last) after the others."""
+    rates: dict[str, list[float]] = {name: [] for name in contenders}
+    names = list(contenders)
+    for round_number in range(rounds):
+        shift = round_number % len(names)
+        for name in names[shift:] + names[:shift]:
+            rates[name].append(await ops_per_second(contenders[name], iterations))
+    return rates
+
+
+def median_ratio(numerators: Sequence[float], denominators: Sequence[float]) -> float:
+    """The median of round-by-round ratios (rounds ran at the same machine load)."""
+    return statistics.median(a / b for a, b in zip(numerators, denominators, strict=True))
+
+
+def percentile(values: Sequence[float], share: float) -> float:
+    """The nearest-rank percentile of ``values`` (``share`` from 0 to 1); NaN if empty."""
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(share * len(ordered)) - 1)]
+
+
+# -- helper processes -------------------------------------------------------------------
+
+
+class HelperProcess:
+    """A Python process of the bench's own (``python <script> <arguments>``) that prints
+    ``{"ready": true}`` once set up, then answers each JSON command line on its stdin with
+    one JSON line on its stdout (see :func:`read_commands` and :func:`reply`). Its stderr
+    is the bench's."""
+
+    def __init__(self, name: str, process: asyncio.subprocess.Process) -> None:
+        self.name = name
+        self.process = process
+
+    @classmethod
+    async def start(cls, name: str, *arguments: str, ready_within: float = 60.0) -> HelperProcess:
+        """Start the helper and wait until it says it is ready."""
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            *arguments,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            limit=_LINE_LIMIT,
+        )
+        helper = cls(name, process)
+        try:
+            if not (await helper._receive(ready_within)).get("ready"):
+                raise RuntimeError(f"{name} did not say it was ready")
+        except BaseException:
+            await helper.kill()
+            raise
+        return helper
+
+    async def ask(self, command: dict[str, Any], within: float = 60.0) -> dict[str, Any]:
+        """Send ``command``; return the helper's answer (waiting up to ``within`` s)."""
+        assert self.process.stdin is not None
+        self.process.stdin.write(json.dumps(command).encode() + b"\n")
+        await self.process.stdin.drain()
+        return await self._receive(within)
+
+    async def finish(self, within: float = 60.0) -> dict[str, Any]:
+        """Send ``{"finish": true}``; return the helper's last answer once it has exited."""
+        answer = await self.ask({"finish": True}, within)
+        async with asyncio.timeout(within):
+            await self.process.wait()
+        return answer
+
+    async def kill(self) -> None:
+        """End the helper at once if it is still running."""
+        if self.process.returncode is None:
+            self.process.kill()
+            await self.process.wait()
+
+    async def _receive(self, within: float) -> dict[str, Any]:
+        assert self.process.stdout is not None
+        async with asyncio.timeout(within):
+            line = await self.process.stdout.readline()
+            if not line:
+                raise RuntimeError(f"{self.name} exited with {await self.process.wait()}")
+        answer: dict[str, Any] = json.loads(line)
+        return answer
+
+
+async def read_commands() -> AsyncIterator[dict[str, Any]]:
+    """In a helper process: the JSON commands arriving on stdin, until it closes."""
+    reader = asyncio.StreamReader(limit=_LINE_LIMIT)
+    await asyncio.get_running_loop().connect_read_pipe(
+        lambda: asyncio.StreamReaderProtocol(reader), sys.stdin
+    )
+    while line := await reader.readline():
+        command: dict[str, Any] = json.loads(line)
+        yield command
+
+
+def reply(answer: dict[str, Any]) -> None:
+    """In a helper process: send one answer to the bench (one JSON line on stdout)."""
+    print(json.dumps(answer), flush=True)

@@ -22,14 +22,21 @@ import contextlib
 import random
 import statistics
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import aiocache
 import redis.asyncio as redis
 from cashews import Cache as CashewsCache
 
-from _harness import emit_figures, print_table, raw_client
+from _harness import (
+    emit_figures,
+    median_ratio,
+    ops_per_second,
+    print_table,
+    raw_client,
+    rotating_rounds,
+)
 from freshcache import Cache, CacheKey, KeySpace, RedisStore, Tier
 from freshcache.testing import RedisServer
 
@@ -120,14 +127,6 @@ async def hit_contenders(url: str, port: int, stack: contextlib.AsyncExitStack) 
     ]
 
 
-async def ops_per_second(get: Getter, iterations: int) -> float:
-    """Sequential calls of ``get`` per second."""
-    started = time.perf_counter()
-    for _ in range(iterations):
-        await get()
-    return iterations / (time.perf_counter() - started)
-
-
 async def measure_hits(url: str, port: int, settings: Settings) -> dict[str, list[float]]:
     """Ops/s of every contender, one figure per round."""
     async with contextlib.AsyncExitStack() as stack:
@@ -136,18 +135,11 @@ async def measure_hits(url: str, port: int, settings: Settings) -> dict[str, lis
             if await contender.get() != contender.expected:
                 raise RuntimeError(f"{contender.name} does not hit; nothing to measure")
             await ops_per_second(contender.get, settings.hit_iterations // 3)  # warm-up
-        rates: dict[str, list[float]] = {contender.name: [] for contender in contenders}
-        for round_number in range(settings.hit_rounds):
-            shift = round_number % len(contenders)
-            for contender in contenders[shift:] + contenders[:shift]:
-                rate = await ops_per_second(contender.get, settings.hit_iterations)
-                rates[contender.name].append(rate)
-    return rates
-
-
-def median_ratio(numerators: Sequence[float], denominators: Sequence[float]) -> float:
-    """The median of round-by-round ratios (rounds ran at the same machine load)."""
-    return statistics.median(a / b for a, b in zip(numerators, denominators, strict=True))
+        return await rotating_rounds(
+            {contender.name: contender.get for contender in contenders},
+            settings.hit_rounds,
+            settings.hit_iterations,
+        )
 
 
 def report_hits(rates: dict[str, list[float]]) -> dict[str, float]:

@@ -130,7 +130,9 @@ async def deployment(postgres: PostgresServer) -> AsyncIterator[Deployment]:
             yield setup
             setup.relay.stop()
             setup.worker.stop()
-            await asyncio.gather(*tasks)
+            # Each finishes the pass in progress; a relay or worker that ignores stop()
+            # fails here instead of hanging the suite.
+            await asyncio.wait_for(asyncio.gather(*tasks), timeout=30)
             await setup.bus.close()
     await engine.dispose()
 

@@ -149,6 +149,7 @@ class InvalidationWorker:
         self._retrying: list[Message] = []
         self._attempts: dict[str, int] = {}
         self._group_ready = False
+        self._next_claim = 0.0
         self._stopping = asyncio.Event()
 
     async def process_once(self, *, block_seconds: float = 0.0) -> int:
@@ -200,11 +201,16 @@ class InvalidationWorker:
             batch, self._retrying = self._retrying, []
             return batch
         try:
-            claimed = await self.bus.claim_stale(
-                self.topic, self.group, self.consumer, self.claim_idle_seconds, self.batch_size
-            )
-            if claimed:
-                return claimed
+            # Orphaned messages can only appear claim_idle_seconds after their delivery:
+            # looking for them more often than that costs a round trip per batch for nothing.
+            if time.monotonic() >= self._next_claim:
+                claimed = await self.bus.claim_stale(
+                    self.topic, self.group, self.consumer, self.claim_idle_seconds, self.batch_size
+                )
+                if len(claimed) < self.batch_size:
+                    self._next_claim = time.monotonic() + self.claim_idle_seconds / 2
+                if claimed:
+                    return claimed
             return await self.bus.read(
                 self.topic, self.group, self.consumer, self.batch_size, block_seconds
             )
@@ -275,8 +281,9 @@ class InvalidationWorker:
             self._seen.popitem(last=False)
 
     async def run(self, *, block_seconds: float = 1.0) -> None:
-        """Process batches until :meth:`stop`; a failing bus is retried with backoff."""
-        self._stopping.clear()
+        """Process batches until :meth:`stop`; a failing bus is retried with backoff.
+        A stopped worker does not run again (a stop that comes before the run began
+        still counts)."""
         delay = self.retry_delay
         while not self._stopping.is_set():
             try:
