@@ -119,6 +119,8 @@ return removed
 # Lua's unpack limit and Redis' argument buffers.
 _CHUNK = 1000
 
+_CONNECTION_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
+
 P = ParamSpec("P")
 R = TypeVar("R")
 
@@ -130,7 +132,7 @@ def _unavailable_on_connection_error(
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         try:
             return await method(*args, **kwargs)
-        except (RedisConnectionError, RedisTimeoutError, OSError) as error:
+        except _CONNECTION_ERRORS as error:
             raise StoreUnavailable(f"redis unavailable: {error}") from error
 
     return wrapper
@@ -192,11 +194,14 @@ class RedisStore:
             return cls(RedisCluster.from_url(url, **common))
         return cls(redis.Redis.from_url(url, max_connections=max_connections, **common))
 
-    @_unavailable_on_connection_error
     async def read(self, key: CacheKey) -> Entry | None:
-        if key.namespace is None:
-            return _decode(cast(bytes | None, await self.client.get(key.physical)), None)
-        generation, raw = await self.client.mget(key.generation_key, key.physical)
+        # The hottest path: errors translated inline rather than by another coroutine frame.
+        try:
+            if key.namespace is None:
+                return _decode(await self.client.get(key.physical), None)
+            generation, raw = await self.client.mget(key.generation_key, key.physical)
+        except _CONNECTION_ERRORS as error:
+            raise StoreUnavailable(f"redis unavailable: {error}") from error
         return _decode(raw, generation)
 
     @_unavailable_on_connection_error
