@@ -24,11 +24,10 @@ from typing import Any, Protocol
 
 import redis.asyncio as redis
 from redis.backoff import NoBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
 from freshcache.stores.base import StoreUnavailable
+from freshcache.stores.redis import CONNECTION_ERRORS, unavailable_on_connection_errors
 
 __all__ = ["Broadcast", "BroadcastListener", "MemoryBroadcast", "MemoryHub", "RedisBroadcast"]
 
@@ -102,7 +101,7 @@ class Broadcast(ABC):
                 async for payload in self._listen(self._set_connected):
                     for listener in self._listeners:
                         listener.on_message(payload)
-            except (StoreUnavailable, RedisConnectionError, RedisTimeoutError, OSError) as error:
+            except (StoreUnavailable, *CONNECTION_ERRORS) as error:
                 logger.warning("broadcast subscription lost: %s", error)
             self._set_disconnected(count=True)
             await asyncio.sleep(self.reconnect_delay)
@@ -197,10 +196,8 @@ class RedisBroadcast(Broadcast):
             await self.client.aclose()
 
     async def _publish(self, payload: bytes) -> None:
-        try:
+        with unavailable_on_connection_errors():
             await self.client.publish(self.channel, payload)
-        except (RedisConnectionError, RedisTimeoutError, OSError) as error:
-            raise StoreUnavailable(f"redis unavailable: {error}") from error
 
     async def _listen(self, subscribed: Callable[[], None]) -> AsyncIterator[bytes]:
         pubsub = self.client.pubsub()

@@ -27,11 +27,9 @@ from typing import Any, Protocol, cast, runtime_checkable
 
 import redis.asyncio as redis
 from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from freshcache.stores.base import StoreUnavailable
+from freshcache.stores.redis import unavailable_on_connection_errors
 
 __all__ = [
     "EVENTS_TOPIC",
@@ -194,9 +192,8 @@ _ACK_CHUNK = 1000
 @contextlib.contextmanager
 def _translated_errors(topic: str, group: str | None = None) -> Iterator[None]:
     try:
-        yield
-    except (RedisConnectionError, RedisTimeoutError, OSError) as error:
-        raise StoreUnavailable(f"redis unavailable: {error}") from error
+        with unavailable_on_connection_errors():
+            yield
     except ResponseError as error:
         text = str(error)
         if group is not None and text.startswith(("NOGROUP", "no such key")):

@@ -17,10 +17,11 @@ Each Lua script touches keys of one slot only, so the same code runs on a cluste
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import struct
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from typing import Any, ParamSpec, TypeVar, cast
 
 import redis.asyncio as redis
@@ -33,7 +34,7 @@ from redis.retry import Retry
 from freshcache.core.keys import CacheKey, Namespace, Tag, lease_key
 from freshcache.stores.base import Conflict, Entry, StoreUnavailable
 
-__all__ = ["RedisStore"]
+__all__ = ["CONNECTION_ERRORS", "RedisStore", "unavailable_on_connection_errors"]
 
 _HEADER = struct.Struct(">QI")
 
@@ -119,7 +120,18 @@ return removed
 # Lua's unpack limit and Redis' argument buffers.
 _CHUNK = 1000
 
-_CONNECTION_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
+CONNECTION_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
+"""What redis-py raises when the server cannot be reached or answers too late."""
+
+
+@contextlib.contextmanager
+def unavailable_on_connection_errors() -> Iterator[None]:
+    """Raise :class:`StoreUnavailable` for a Redis that cannot be reached (every Redis
+    adapter reports it the same way)."""
+    try:
+        yield
+    except CONNECTION_ERRORS as error:
+        raise StoreUnavailable(f"redis unavailable: {error}") from error
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -130,10 +142,8 @@ def _unavailable_on_connection_error(
 ) -> Callable[P, Coroutine[Any, Any, R]]:
     @functools.wraps(method)
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-        try:
+        with unavailable_on_connection_errors():
             return await method(*args, **kwargs)
-        except _CONNECTION_ERRORS as error:
-            raise StoreUnavailable(f"redis unavailable: {error}") from error
 
     return wrapper
 
@@ -200,7 +210,7 @@ class RedisStore:
             if key.namespace is None:
                 return _decode(await self.client.get(key.physical), None)
             generation, raw = await self.client.mget(key.generation_key, key.physical)
-        except _CONNECTION_ERRORS as error:
+        except CONNECTION_ERRORS as error:
             raise StoreUnavailable(f"redis unavailable: {error}") from error
         return _decode(raw, generation)
 
