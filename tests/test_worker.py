@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Sequence
 import pytest
 
 from freshcache.cache import Cache
-from freshcache.core.events import new_event
+from freshcache.core.events import Event, new_event
 from freshcache.core.keys import commerce_keyspace
 from freshcache.core.rules import MARKETPLACE_RULES, RuleSet
 from freshcache.pipeline.bus import Bus, MemoryBus, RedisStreamBus
@@ -183,3 +183,20 @@ async def test_a_batch_of_a_dead_worker_is_claimed_and_finished(setup: tuple[Bus
     assert await survivor.process_once() == 1
     assert await bus.pending(EVENTS_TOPIC, "freshcache-workers") == 0
     assert await cache.get(key) is None
+
+
+async def test_listeners_get_each_applied_batch_after_its_invalidations(
+    setup: tuple[Bus, Cache],
+) -> None:
+    bus, cache = setup
+    key = PRODUCT(tenantId="t1", productId="p1")
+    await cache.set(key, "old")
+    seen: list[tuple[str, object]] = []
+
+    async def listener(events: Sequence[Event]) -> None:
+        for event in events:
+            seen.append((event.event_type, await cache.get(key)))
+
+    await publish_update(bus)
+    await worker(bus, cache, listeners=[listener]).process_once()
+    assert seen == [("product.updated", None)]

@@ -27,7 +27,7 @@ import os
 import socket
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, fields
 
 import orjson
@@ -43,6 +43,7 @@ __all__ = [
     "DEAD_LETTER_TOPIC",
     "EVENTS_TOPIC",
     "DeadLetter",
+    "EventListener",
     "InvalidationWorker",
     "WorkerStats",
     "cdn_tags",
@@ -103,8 +104,15 @@ class DeadLetter:
         )
 
 
+EventListener = Callable[[Sequence[Event]], Awaitable[None]]
+"""Called with a batch's events once their invalidations are applied (e.g. the real-time
+layer pushing stock updates). A listener that raises fails the batch, which is retried:
+listeners must tolerate seeing an event again."""
+
+
 class InvalidationWorker:
-    """Applies the events of ``topic`` with ``rules`` to ``cache`` (and ``purger``).
+    """Applies the events of ``topic`` with ``rules`` to ``cache`` (and ``purger``), then
+    hands them to ``listeners``.
 
     Several workers (any processes) share the consumer ``group``; ``consumer`` names this
     one (hostname-pid by default).
@@ -117,6 +125,7 @@ class InvalidationWorker:
         cache: Cache,
         *,
         purger: CdnPurger | None = None,
+        listeners: Sequence[EventListener] = (),
         topic: str = EVENTS_TOPIC,
         group: str = "freshcache-workers",
         consumer: str | None = None,
@@ -134,6 +143,7 @@ class InvalidationWorker:
         self.rules = rules
         self.cache = cache
         self.purger = purger
+        self.listeners = tuple(listeners)
         self.topic = topic
         self.group = group
         self.consumer = consumer or f"{socket.gethostname()}-{os.getpid()}"
@@ -181,6 +191,8 @@ class InvalidationWorker:
             self.stats.coalesced += sum(_size(plan) for plan in plans) - _size(merged)
             try:
                 await self._apply(merged)
+                for listener in self.listeners:
+                    await listener(events)
             except Exception as error:
                 await self._ack(done)
                 return len(done) + await self._failed(applied, error)
