@@ -13,7 +13,8 @@ from freshcache.cache import Cache
 from freshcache.core.keys import CacheKey, KeySpace, commerce_keyspace
 from freshcache.core.plan import InvalidationPlan
 from freshcache.core.policy import Tier
-from freshcache.stores.base import Store
+from freshcache.stores.base import Entry, Store
+from freshcache.stores.memory import MemoryStore
 from freshcache.stores.redis import RedisStore
 from freshcache.testing import RedisServer
 
@@ -310,3 +311,30 @@ async def test_overlapping_purges_of_a_tag_both_cancel_an_older_fill(
     assert await second_writer.get_or_load(product(), source.loader("p1")) == 2
     for cache in (reader, first_writer, second_writer):
         await cache.aclose()
+
+
+async def test_a_fill_stored_since_a_miss_is_used_not_loaded_again() -> None:
+    """A reader whose miss was overtaken by another process's fill takes that value
+    instead of a lease (found by the warming tests: keys were loaded twice)."""
+
+    class DelayedMisses(MemoryStore):
+        def __init__(self) -> None:
+            super().__init__()
+            self.missed = asyncio.Event()
+            self.deliver_miss = asyncio.Event()
+
+        async def read(self, key: CacheKey) -> Entry | None:
+            found = await super().read(key)
+            if found is None and not self.deliver_miss.is_set():
+                self.missed.set()
+                await self.deliver_miss.wait()
+            return found
+
+    store = DelayedMisses()
+    source = Source()
+    slow_reader = asyncio.create_task(Cache(store).get_or_load(product(), source.loader("p1")))
+    await store.missed.wait()  # its read found nothing; the answer is on its way back
+    store.deliver_miss.set()
+    assert await Cache(store).get_or_load(product(), source.loader("p1")) == 0  # fills it
+    assert await slow_reader == 0
+    assert source.loads == 1

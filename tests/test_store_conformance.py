@@ -84,17 +84,30 @@ async def test_lease_expires(store: Store) -> None:
 async def test_commit_stores_under_the_current_lease(store: Store) -> None:
     key = product()
     generation = await store.acquire_lease(key, "a", 5)
-    assert generation is not None
+    assert isinstance(generation, int)
     assert await store.commit(key, "a", generation, entry(b"x"), 60) is True
     stored = await store.read(key)
     assert stored is not None and stored.payload == b"x"
     assert await store.acquire_lease(key, "b", 5) == generation  # released by the commit
 
 
+async def test_a_lease_is_not_needed_when_a_value_was_stored_meanwhile(store: Store) -> None:
+    key = PAGE(tenantId="t1", categoryId="c", page=1)
+    assert await store.acquire_lease(key, "a", 5, unless_stored=True) == 0
+    assert await store.commit(key, "a", 0, entry(b"filled"), 60) is True
+    found = await store.acquire_lease(key, "b", 5, unless_stored=True)
+    assert isinstance(found, Entry) and found.payload == b"filled"
+    assert await store.acquire_lease(key, "b", 5, steal=True) == 0  # a writer still takes it
+    assert key.namespace is not None
+    await store.bump([key.namespace])  # the stored value is now of an older generation
+    await store.release_lease(key, "b")
+    assert await store.acquire_lease(key, "c", 5, unless_stored=True) == 1
+
+
 async def test_delete_cancels_a_fill_in_progress(store: Store) -> None:
     key = product()
     generation = await store.acquire_lease(key, "a", 5)
-    assert generation is not None
+    assert isinstance(generation, int)
     await store.register_tags([(key, time.time() + 60)])
     await store.delete([key])
     assert await store.commit(key, "a", generation, entry(), 60) is False
@@ -104,7 +117,7 @@ async def test_delete_cancels_a_fill_in_progress(store: Store) -> None:
 async def test_tag_purge_cancels_a_fill_in_progress(store: Store) -> None:
     key = product()
     generation = await store.acquire_lease(key, "a", 5)
-    assert generation is not None
+    assert isinstance(generation, int)
     await store.register_tags([(key, time.time() + 60)])
     assert await store.purge_tags(key.tags) == 1
     assert await store.commit(key, "a", generation, entry(), 60) is False
@@ -124,7 +137,7 @@ async def test_bump_cancels_a_fill_in_progress(store: Store) -> None:
 async def test_write_cancels_a_fill_in_progress(store: Store) -> None:
     key = product()
     generation = await store.acquire_lease(key, "reader", 5)
-    assert generation is not None
+    assert isinstance(generation, int)
     await store.write([(key, entry(b"written"), 60)])
     assert await store.commit(key, "reader", generation, entry(b"older"), 60) is False
     stored = await store.read(key)
@@ -135,7 +148,7 @@ async def test_losing_write_invalidates_on_conflict(store: Store) -> None:
     key = product()
     first = await store.acquire_lease(key, "w1", 5, steal=True)
     second = await store.acquire_lease(key, "w2", 5, steal=True)
-    assert first is not None and second is not None
+    assert isinstance(first, int) and isinstance(second, int)
     assert await store.commit(key, "w2", second, entry(b"two"), 60) is True
     lost = await store.commit(key, "w1", first, entry(b"one"), 60, Conflict.INVALIDATE)
     assert lost is False

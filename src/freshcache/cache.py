@@ -297,13 +297,23 @@ class Cache:
         flight: _Flight,
         wait_for_others: bool,
     ) -> int | _Waited:
-        """Take the lease, or wait for the process that holds it to store its value."""
+        """Take the lease, or wait for the process that holds it to store its value.
+
+        A reader (``wait_for_others``) takes no lease when a value was stored since its
+        read: it uses that one, and nobody loads the key twice. A background refresh
+        always wants the lease (the value it found is stale)."""
         deadline = time.monotonic() + self.wait_seconds
         delay = 0.002
         while True:
-            generation = await self.store.acquire_lease(key, token, self.lease_seconds)
-            if generation is not None:
-                return generation
+            outcome = await self.store.acquire_lease(
+                key, token, self.lease_seconds, unless_stored=wait_for_others
+            )
+            if isinstance(outcome, Entry):
+                # Stored under a lease taken after any invalidation this read follows.
+                flight.shareable = True
+                return _Waited(self.serializer.loads(outcome.payload))
+            if outcome is not None:
+                return outcome
             if not wait_for_others:
                 return _Waited(None)
             self.stats.lease_waits += 1
@@ -313,11 +323,6 @@ class Cache:
                 return _Waited(await loader())
             await asyncio.sleep(delay)
             delay = min(delay * 2, 0.05)
-            entry = await self.store.read(key)
-            if entry is not None:
-                # Stored under a lease taken after any invalidation this read follows.
-                flight.shareable = True
-                return _Waited(self.serializer.loads(entry.payload))
 
     def _refresh_in_background(self, key: CacheKey, loader: Loader[Any]) -> None:
         if key.physical in self._flights:
@@ -384,6 +389,7 @@ class Cache:
         tier = key.tier
         try:
             generation = await self.store.acquire_lease(key, token, self.lease_seconds, steal=True)
+            assert isinstance(generation, int)  # a stolen lease is always granted
             await self.store.register_tags(
                 [(key, time.time() + self.lease_seconds + tier.ttl + tier.stale_while_revalidate)]
             )
@@ -396,7 +402,6 @@ class Cache:
         except BaseException:
             await self._release(key, token)
             raise
-        assert generation is not None  # a stolen lease is always granted
         ttl = tier.jittered_ttl(random.random())
         entry = Entry(self.serializer.dumps(value), time.time() + ttl)
         await self.store.commit(

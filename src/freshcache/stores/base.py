@@ -70,12 +70,20 @@ class Store(Protocol):
         ...
 
     async def acquire_lease(
-        self, key: CacheKey, token: str, lease_seconds: float, *, steal: bool = False
-    ) -> int | None:
+        self,
+        key: CacheKey,
+        token: str,
+        lease_seconds: float,
+        *,
+        steal: bool = False,
+        unless_stored: bool = False,
+    ) -> int | Entry | None:
         """Take the fill lease of ``key``; return the namespace generation it was taken at.
 
         Returns ``None`` when another holder has it (unless ``steal``: writers take the
-        lease from readers so that a read's older fill cannot land after a write).
+        lease from readers so that a read's older fill cannot land after a write). With
+        ``unless_stored``, returns the stored entry instead when one of the current
+        generation exists (a fill that finished since the caller's read: no second load).
         """
         ...
 

@@ -67,9 +67,19 @@ class MemoryStore:
         return [self._read(key, now) for key in keys]
 
     async def acquire_lease(
-        self, key: CacheKey, token: str, lease_seconds: float, *, steal: bool = False
-    ) -> int | None:
+        self,
+        key: CacheKey,
+        token: str,
+        lease_seconds: float,
+        *,
+        steal: bool = False,
+        unless_stored: bool = False,
+    ) -> int | Entry | None:
         now = self._clock()
+        if unless_stored and not steal:
+            stored = self._read(key, now)
+            if stored is not None:
+                return stored
         holder = self._leases.get(key.lease_key)
         if holder is not None and holder[1] > now and not steal:
             return None

@@ -38,15 +38,25 @@ __all__ = ["CONNECTION_ERRORS", "RedisStore", "unavailable_on_connection_errors"
 
 _HEADER = struct.Struct(">QI")
 
-# KEYS: lease, generation. ARGV: token, lease ms, steal ("1"/"0").
-# Returns the generation the lease was taken at, or -1 when someone else holds it.
+# KEYS: lease, generation, value. ARGV: token, lease ms, steal, unless stored ("1"/"0").
+# Returns {generation} when the lease was taken, {-1} when someone else holds it, or
+# {-2, value} when asked to check and a value of the current generation is stored.
 _ACQUIRE = """
+local generation = redis.call('GET', KEYS[2]) or '0'
 if ARGV[3] == '1' then
   redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-elseif not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
-  return -1
+  return {tonumber(generation)}
 end
-return tonumber(redis.call('GET', KEYS[2]) or '0')
+if ARGV[4] == '1' then
+  local value = redis.call('GET', KEYS[3])
+  if value and string.sub(value, 1, #generation + 1) == generation .. '|' then
+    return {-2, value}
+  end
+end
+if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  return {-1}
+end
+return {tonumber(generation)}
 """
 
 # KEYS: lease. ARGV: token.
@@ -230,13 +240,24 @@ class RedisStore:
 
     @_unavailable_on_connection_error
     async def acquire_lease(
-        self, key: CacheKey, token: str, lease_seconds: float, *, steal: bool = False
-    ) -> int | None:
-        generation = await self._acquire(
-            keys=[key.lease_key, key.generation_key],
-            args=[token, _ms(lease_seconds), "1" if steal else "0"],
+        self,
+        key: CacheKey,
+        token: str,
+        lease_seconds: float,
+        *,
+        steal: bool = False,
+        unless_stored: bool = False,
+    ) -> int | Entry | None:
+        reply = await self._acquire(
+            keys=[key.lease_key, key.generation_key, key.physical],
+            args=[token, _ms(lease_seconds), "1" if steal else "0", "1" if unless_stored else "0"],
         )
-        return None if generation == -1 else int(generation)
+        status = int(reply[0])
+        if status == -1:
+            return None
+        if status == -2:
+            return _decode(reply[1], reply[1].partition(b"|")[0])
+        return status
 
     @_unavailable_on_connection_error
     async def release_lease(self, key: CacheKey, token: str) -> None:
