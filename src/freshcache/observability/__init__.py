@@ -1,0 +1,76 @@
+"""Monitoring: the metric contract, and the alert rules evaluated in-process.
+
+The Prometheus side lives in ``deploy/``: ``prometheus/alerts.yml`` (the same rules, for
+promtool and Prometheus) and ``grafana/freshcache-dashboard.json``.
+"""
+
+from freshcache.observability.alerts import (
+    DEFAULT_RULES,
+    ENDPOINT_GROUP_PATTERN,
+    Alert,
+    AlertEvaluator,
+    AlertRule,
+    CacheHitRatioLow,
+    CacheInvalidationStorm,
+    RealtimeConnectionDrops,
+)
+from freshcache.observability.names import (
+    CACHE_EVICTIONS,
+    CACHE_MEMORY_BYTES,
+    CACHE_REQUESTS,
+    CONTRACT,
+    DASHBOARD_REFRESHES,
+    HTTP_REQUEST_DURATION,
+    INVALIDATIONS,
+    INVALIDATIONS_COALESCED,
+    REALTIME_CONNECTIONS,
+    REALTIME_CONNECTS,
+    REALTIME_DELIVERY,
+    REALTIME_DISCONNECTS,
+    REALTIME_MESSAGES,
+    CacheResult,
+    DeliveryResult,
+    DisconnectReason,
+    InvalidationKind,
+    InvalidationSource,
+    MetricKind,
+    MetricSpec,
+    RequestCacheResult,
+    Transport,
+)
+from freshcache.observability.series import SeriesKey, series
+
+__all__ = [
+    "CACHE_EVICTIONS",
+    "CACHE_MEMORY_BYTES",
+    "CACHE_REQUESTS",
+    "CONTRACT",
+    "DASHBOARD_REFRESHES",
+    "DEFAULT_RULES",
+    "ENDPOINT_GROUP_PATTERN",
+    "HTTP_REQUEST_DURATION",
+    "INVALIDATIONS",
+    "INVALIDATIONS_COALESCED",
+    "REALTIME_CONNECTIONS",
+    "REALTIME_CONNECTS",
+    "REALTIME_DELIVERY",
+    "REALTIME_DISCONNECTS",
+    "REALTIME_MESSAGES",
+    "Alert",
+    "AlertEvaluator",
+    "AlertRule",
+    "CacheHitRatioLow",
+    "CacheInvalidationStorm",
+    "CacheResult",
+    "DeliveryResult",
+    "DisconnectReason",
+    "InvalidationKind",
+    "InvalidationSource",
+    "MetricKind",
+    "MetricSpec",
+    "RealtimeConnectionDrops",
+    "RequestCacheResult",
+    "SeriesKey",
+    "Transport",
+    "series",
+]
