@@ -1,5 +1,5 @@
 """What the bench scripts share: the raw Redis client, the text table, the figures line,
-throughput loops, and helper processes that answer JSON lines.
+throughput loops, helper processes that answer JSON lines, and a raw HTTP load client.
 
 Every script ends by printing one JSON line with its figures, so tests and CI can parse
 the last line of its output whatever the table above it looks like.
@@ -8,12 +8,15 @@ the last line of its output whatever the table above it looks like.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import math
 import statistics
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as redis
@@ -21,8 +24,11 @@ import redis.asyncio as redis
 from freshcache import RedisStore
 
 __all__ = [
+    "Blast",
     "HelperProcess",
     "emit_figures",
+    "http_blast",
+    "http_get",
     "median_ratio",
     "ops_per_second",
     "percentile",
@@ -190,3 +196,93 @@ async def read_commands() -> AsyncIterator[dict[str, Any]]:
 def reply(answer: dict[str, Any]) -> None:
     """In a helper process: send one answer to the bench (one JSON line on stdout)."""
     print(json.dumps(answer), flush=True)
+
+
+# -- a raw HTTP load client -------------------------------------------------------------
+
+
+def http_get(path: str, headers: Mapping[str, str] | None = None) -> bytes:
+    """A keep-alive HTTP/1.1 GET request to 127.0.0.1, as bytes on the wire."""
+    lines = [f"GET {path} HTTP/1.1", "Host: 127.0.0.1"]
+    lines += [f"{name}: {value}" for name, value in (headers or {}).items()]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+@dataclass(frozen=True)
+class Blast:
+    """What :func:`http_blast` got: responses by status and by ``X-Cache`` value (``""``
+    when absent), and the share of one core the client itself used."""
+
+    responses: int
+    seconds: float
+    statuses: Counter[int]
+    cache_results: Counter[str]
+    client_cpu: float
+
+    @property
+    def rate(self) -> float:
+        """Responses per second."""
+        return self.responses / self.seconds
+
+
+def _response_head(head: bytes) -> tuple[int, int, str]:
+    """Status, Content-Length and X-Cache of a response head."""
+    status_line, *lines = head.split(b"\r\n")
+    length, cache = -1, ""
+    for line in lines:
+        name, _, value = line.partition(b":")
+        name = name.strip().lower()
+        if name == b"content-length":
+            length = int(value)
+        elif name == b"x-cache":
+            cache = value.strip().decode()
+    if length < 0:
+        raise RuntimeError("a response without Content-Length: this client cannot read it")
+    return int(status_line.split(b" ", 2)[1]), length, cache
+
+
+async def http_blast(
+    port: int, requests: Sequence[bytes], connections: int, seconds: float | None = None
+) -> Blast:
+    """Send ``requests`` in turn on each of ``connections`` keep-alive connections to
+    127.0.0.1:``port`` (one in flight per connection, each starting at its own offset) for
+    ``seconds``; without ``seconds``, each request once (the connections share them). A
+    client of a few lines, far cheaper per request than httpx, so that the server is what
+    is measured; its CPU share says whether it kept up."""
+    statuses: Counter[int] = Counter()
+    cache_results: Counter[str] = Counter()
+    deadline = math.inf if seconds is None else time.monotonic() + seconds
+
+    async def connection(share: Iterable[bytes]) -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port, limit=_LINE_LIMIT)
+        try:
+            for request in share:
+                if time.monotonic() >= deadline:
+                    break
+                writer.write(request)
+                status, length, cache = _response_head(await reader.readuntil(b"\r\n\r\n"))
+                await reader.readexactly(length)
+                statuses[status] += 1
+                cache_results[cache] += 1
+        finally:
+            writer.close()
+            await writer.wait_closed()
+
+    shares: list[Iterable[bytes]]
+    if seconds is None:
+        shares = [requests[number::connections] for number in range(connections)]
+    else:
+        shares = [
+            itertools.islice(itertools.cycle(requests), number * len(requests) // connections, None)
+            for number in range(connections)
+        ]
+    cpu, started = time.process_time(), time.monotonic()
+    await asyncio.gather(*(connection(share) for share in shares))
+    elapsed = time.monotonic() - started
+    return Blast(
+        sum(statuses.values()),
+        elapsed,
+        statuses,
+        cache_results,
+        (time.process_time() - cpu) / elapsed,
+    )

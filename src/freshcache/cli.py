@@ -286,3 +286,68 @@ def invalidate(
             await bus.close()
 
     print(f"published {parsed.event_type} {parsed.event_id} as {asyncio.run(run())}")
+
+
+@app.command("loadgen")
+def loadgen(
+    token: Annotated[
+        list[str], typer.Option("--token", help="A tenant's API key; repeat for each tenant.")
+    ],
+    url: Annotated[str, typer.Option(help="The service's base URL.")] = "http://127.0.0.1:8000",
+    admin_token: Annotated[
+        str | None, typer.Option(help="The admin token: adds category renames to the writes.")
+    ] = None,
+    requests: Annotated[
+        int | None, typer.Option(min=1, help="Requests to measure (default 10,000).")
+    ] = None,
+    duration: Annotated[
+        float | None, typer.Option(min=0.001, help="Seconds to measure, instead of --requests.")
+    ] = None,
+    warmup: Annotated[int, typer.Option(min=0, help="Requests sent first, not counted.")] = 0,
+    concurrency: Annotated[int, typer.Option(min=1, help="Requests in flight at once.")] = 32,
+    write_ratio: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="The share of writes in the mix.")
+    ] = 0.02,
+    seed: Annotated[int, typer.Option(help="Seed of the mix's random draws.")] = 0,
+    json_line: Annotated[
+        bool, typer.Option("--json", help="Also print the figures as one JSON line.")
+    ] = False,
+) -> None:
+    """Drive realistic traffic against a running service and report hit ratios and latency.
+
+    Discovers every product the tokens' tenants have, creates a few users per tenant,
+    then sends Zipf-distributed reads (products, listing pages, marketplace search, nearby
+    shops, categories, profiles, dashboard) and writes (product edits, stock, orders).
+    It changes data: point it at a deployment whose data may change. Exit 1 on errors.
+    """
+    import json
+
+    from freshcache.loadgen import LoadConfig, LoadgenError, run_load
+
+    if requests is not None and duration is not None:
+        raise typer.BadParameter("give --requests or --duration, not both")
+    try:
+        config = LoadConfig(
+            url=url,
+            tokens=tuple(token),
+            admin_token=admin_token,
+            requests=requests or 10_000,
+            duration=duration,
+            warmup=warmup,
+            concurrency=concurrency,
+            write_ratio=write_ratio,
+            seed=seed,
+        )
+        report = asyncio.run(run_load(config, progress=Console(stderr=True)))
+    except LoadgenError as error:
+        Console(stderr=True, soft_wrap=True).print(Text(str(error), style="bold red"))
+        raise typer.Exit(2) from None
+    table = report.table()
+    _console_for(table).print(table)
+    errors = Console(stderr=True, soft_wrap=True)
+    for sample in report.error_samples:
+        errors.print(Text(f"error: {sample}", style="red"))
+    if json_line:
+        print(json.dumps(report.figures()), flush=True)
+    if report.total.errors:
+        raise typer.Exit(1)

@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from freshcache.marketplace.auth import TenantDirectory
+from freshcache.marketplace.caching import CacheResultHeaderMiddleware
 from freshcache.marketplace.demo import DemoTenant, ensure_demo
 from freshcache.marketplace.errors import install_error_handlers
 from freshcache.marketplace.metrics import Metrics, MetricsMiddleware
@@ -56,6 +57,7 @@ def create_app(settings: Settings, *, on_ready: ReadyCallback | None = None) -> 
     for module in (tenant_routes, products, catalog, marketplace, orders, reports, ops):
         app.include_router(module.router)
     # Added last is outermost: the latency measured includes the caching headers' work.
+    app.add_middleware(CacheResultHeaderMiddleware)
     app.add_middleware(HttpCacheMiddleware)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     return app

@@ -1,7 +1,8 @@
 """How a route reads through the cache and declares its HTTP caching in one call.
 
 :func:`cached_read` is cache-aside with the library's leases (``Cache.get_or_load``),
-records hit or miss for the metrics, and sets the response's :class:`CachePolicy`:
+records hit or miss for the metrics and for the response's ``X-Cache`` header
+(:class:`CacheResultHeaderMiddleware`), and sets the response's :class:`CachePolicy`:
 private and ``Vary: Authorization`` for tenant data, public for marketplace data.
 """
 
@@ -12,14 +13,15 @@ from dataclasses import replace
 from typing import Literal, TypeVar
 
 from fastapi import Request
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from freshcache.core.keys import CacheKey
 from freshcache.core.policy import Tier
 from freshcache.marketplace.auth import runtime_of
-from freshcache.marketplace.metrics import Metrics
+from freshcache.marketplace.metrics import CACHE_RESULT_STATE, Metrics
 from freshcache.web import CachePolicy, set_cache_policy
 
-__all__ = ["cached_read", "never_cache", "with_tier"]
+__all__ = ["CacheResultHeaderMiddleware", "cached_read", "never_cache", "with_tier"]
 
 T = TypeVar("T")
 
@@ -37,9 +39,11 @@ async def cached_read(
     loader: Callable[[], Awaitable[T]],
     scope: Literal["private", "public"],
 ) -> T:
-    """The value of ``key``, loaded by ``loader`` on a miss; the response gets the key's
-    tier and surrogate keys as its HTTP caching policy. An exception of the loader (e.g.
-    a 404) propagates and nothing is cached."""
+    """The value of ``key``, loaded by ``loader`` on a miss (on every read when the
+    settings switch caching off); the response gets the key's tier and surrogate keys as
+    its HTTP caching policy. An exception of the loader (e.g. a 404) propagates and
+    nothing is cached."""
+    runtime = runtime_of(request)
     loaded = False
 
     async def load() -> T:
@@ -47,7 +51,10 @@ async def cached_read(
         loaded = True
         return await loader()
 
-    value = await runtime_of(request).cache.get_or_load(key, load)
+    if runtime.settings.cache_enabled:
+        value = await runtime.cache.get_or_load(key, load)
+    else:
+        value = await load()
     metrics: Metrics = request.app.state.metrics
     metrics.record_cache_result(request, hit=not loaded)
     vary = ("Authorization",) if scope == "private" else ()
@@ -58,3 +65,27 @@ async def cached_read(
 def never_cache(request: Request) -> None:
     """The response holds live data (stock): no cache may keep it."""
     set_cache_policy(request, CachePolicy.never())
+
+
+class CacheResultHeaderMiddleware:
+    """Raw ASGI middleware telling, in an ``X-Cache: hit|miss`` response header, whether
+    a cached read was served from the cache or loaded (``miss``); responses of routes
+    that do not read through the cache get no such header."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_result(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                result = scope.get("state", {}).get(CACHE_RESULT_STATE)
+                if result is not None:
+                    headers = [*message.get("headers", ()), (b"x-cache", result.encode())]
+                    message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive, send_with_result)

@@ -35,6 +35,16 @@ def normalise_database_url(url: str) -> str:
     )
 
 
+def _switch(variable: str, value: str) -> bool:
+    """An on/off variable's value (a typo must not silently leave a switch as it was)."""
+    setting = value.strip().lower()
+    if setting in ("on", "1", "true"):
+        return True
+    if setting in ("off", "0", "false"):
+        return False
+    raise ValueError(f"{variable}: expected on or off, got {value!r}")
+
+
 @dataclass(frozen=True)
 class Settings:
     """How one service instance runs.
@@ -56,6 +66,10 @@ class Settings:
     - ``rules_path``: the dependency rules YAML; ``None`` is the service's packaged
       ``rules.yaml`` (``FRESHCACHE_RULES``).
     - ``key_prefix``: starts every physical cache key (``FRESHCACHE_KEY_PREFIX``).
+    - ``cache_enabled``: serve cached reads from the cache (default). ``False``
+      (``FRESHCACHE_CACHE=off``) loads every one from the database and answers it as a
+      miss, to measure what the cache saves; invalidations and HTTP caching headers are
+      unchanged.
     """
 
     data_dir: Path = Path(".freshcache")
@@ -68,6 +82,7 @@ class Settings:
     relay_poll_interval: float = 0.5
     rules_path: Path | None = None
     key_prefix: str = "fc:"
+    cache_enabled: bool = True
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -85,6 +100,7 @@ class Settings:
             run_pipeline=env.get("FRESHCACHE_RUN_PIPELINE", "1").lower() not in ("0", "false"),
             rules_path=None if rules is None else Path(rules),
             key_prefix=env.get("FRESHCACHE_KEY_PREFIX") or "fc:",
+            cache_enabled=_switch("FRESHCACHE_CACHE", env.get("FRESHCACHE_CACHE") or "on"),
         )
         return replace(settings, **overrides)
 
