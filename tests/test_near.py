@@ -8,6 +8,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Sequence
 
 import pytest
+import redis.asyncio as redis
 
 from freshcache.cache import Cache
 from freshcache.core.keys import CacheKey, commerce_keyspace
@@ -184,3 +185,53 @@ def test_an_unreadable_broadcast_clears_everything() -> None:
     near.keep(product(), 1, time.time() + 60, near.epoch)
     near.on_message(b"not json")
     assert len(near) == 0 and near.stats.clears == 1
+
+
+@pytest.mark.parametrize("kind", ["memory", "redis"])
+async def test_a_confirmed_invalidation_has_reached_every_near_cache_when_it_returns(
+    kind: str, redis_server: RedisServer
+) -> None:
+    hub, shared = MemoryHub(), MemoryStore()
+
+    def make() -> Cache:
+        if kind == "memory":
+            return Cache(
+                shared, broadcast=MemoryBroadcast(hub), near=NearCache(), confirm_invalidations=5
+            )
+        return Cache(
+            RedisStore.from_url(redis_server.url),
+            broadcast=RedisBroadcast.from_url(redis_server.url),
+            near=NearCache(),
+            confirm_invalidations=5,
+        )
+
+    readers = [make() for _ in range(3)]
+    writer = make()
+    for cache in (*readers, writer):
+        await cache.start()
+    for reader in readers:
+        await reader.get_or_load(product("confirmed"), lambda: constant("old"))
+    await writer.set(product("confirmed"), "new")
+    # No waiting: every reader dropped its copy before set() returned.
+    assert [await reader.get(product("confirmed")) for reader in readers] == ["new"] * 3
+    assert writer.stats.unconfirmed_broadcasts == 0
+    for cache in (*readers, writer):
+        await cache.aclose()
+
+
+async def test_an_instance_that_does_not_confirm_is_counted(redis_server: RedisServer) -> None:
+    silent = redis.Redis.from_url(redis_server.url)
+    pubsub = silent.pubsub()
+    await pubsub.subscribe("freshcache:invalidations")  # receives, never confirms
+    writer = Cache(
+        RedisStore.from_url(redis_server.url),
+        broadcast=RedisBroadcast.from_url(redis_server.url),
+        near=NearCache(),
+        confirm_invalidations=0.2,
+    )
+    await writer.start()
+    await writer.invalidate_keys(product("x"))
+    assert writer.stats.unconfirmed_broadcasts == 1
+    await writer.aclose()
+    await pubsub.aclose()  # type: ignore[no-untyped-call]
+    await silent.aclose()

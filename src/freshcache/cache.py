@@ -53,6 +53,7 @@ class CacheStats:
     wait_timeouts: int = 0
     early_refreshes: int = 0
     errors: int = 0
+    unconfirmed_broadcasts: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return {field.name: getattr(self, field.name) for field in fields(self)}
@@ -88,6 +89,10 @@ class Cache:
     - ``broadcast``: tells every instance about this cache's invalidations (and, with
       ``near``, listens to theirs). Call :meth:`start` (or use ``async with``) to listen.
     - ``near``: an in-process :class:`~freshcache.near.NearCache` in front of the store.
+    - ``confirm_invalidations``: with a broadcast, each invalidation waits (at most this
+      many seconds) until every subscribed instance has dropped its near-cache copies,
+      so that a read anywhere after the call returns sees the change; instances that did
+      not confirm in time are counted in ``stats.unconfirmed_broadcasts``.
     """
 
     def __init__(
@@ -101,6 +106,7 @@ class Cache:
         retry_after: float = 1.0,
         broadcast: Broadcast | None = None,
         near: NearCache | None = None,
+        confirm_invalidations: float | None = None,
     ) -> None:
         if lease_seconds <= 0 or wait_seconds < 0 or retry_after < 0:
             raise ValueError("lease_seconds must be > 0; wait_seconds, retry_after >= 0")
@@ -114,6 +120,7 @@ class Cache:
         self.retry_after = retry_after
         self.broadcast = broadcast
         self.near = near
+        self.confirm_invalidations = confirm_invalidations
         if broadcast is not None and near is not None:
             broadcast.add_listener(near)
         self.stats = CacheStats()
@@ -456,7 +463,13 @@ class Cache:
         if self.near is not None:
             self.near.invalidate(keys, tags, namespaces)
         if self.broadcast is not None:
-            await self.broadcast.publish(encode_invalidation(keys, tags, namespaces))
+            missing = await self.broadcast.publish(
+                encode_invalidation(keys, tags, namespaces),
+                confirm_within=self.confirm_invalidations,
+            )
+            if missing:
+                self.stats.unconfirmed_broadcasts += 1
+                logger.warning("%d instances did not confirm an invalidation in time", missing)
 
     # -- life cycle -------------------------------------------------------------------
 

@@ -11,6 +11,11 @@ python-socketio's pub/sub managers. Transports:
 Pub/sub delivers at most once: a subscriber that loses its connection misses what was
 published meanwhile. Listeners are therefore told when the connection drops and when it
 is back (``on_disconnected`` / ``on_connected``); a near cache clears itself on both.
+
+A publisher may also wait for the message to be handled: ``publish(payload,
+confirm_within=seconds)`` returns once every instance subscribed at that moment has run
+its listeners on it (each confirms after handling), or when the time is up; it returns
+how many did not confirm. Wire format: ``b"-" + payload`` or ``b"<ack id> " + payload``.
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import time
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Protocol
@@ -69,9 +76,17 @@ class Broadcast(ABC):
     def connected(self) -> bool:
         return self._subscribed.is_set()
 
-    async def publish(self, payload: bytes) -> None:
-        """Send ``payload`` to every instance; raises StoreUnavailable if it cannot."""
-        await self._publish(payload)
+    async def publish(self, payload: bytes, *, confirm_within: float | None = None) -> int:
+        """Send ``payload`` to every instance; raises StoreUnavailable if it cannot.
+
+        With ``confirm_within``, wait until every instance that received it has handled
+        it, at most that many seconds; return how many had not (0: all confirmed)."""
+        if confirm_within is None:
+            await self._publish(b"- " + payload)
+            return 0
+        ack_id = os.urandom(8).hex()
+        receivers = await self._publish(ack_id.encode() + b" " + payload)
+        return receivers - await self._await_confirmations(ack_id, receivers, confirm_within)
 
     async def start(self, subscribe_within: float = 5.0) -> None:
         """Start listening; wait (up to ``subscribe_within`` seconds) until subscribed.
@@ -98,9 +113,12 @@ class Broadcast(ABC):
     async def _run(self) -> None:
         while True:
             try:
-                async for payload in self._listen(self._set_connected):
+                async for message in self._listen(self._set_connected):
+                    ack_id, _, payload = message.partition(b" ")
                     for listener in self._listeners:
                         listener.on_message(payload)
+                    if ack_id != b"-":
+                        await self._confirm(ack_id.decode())
             except (StoreUnavailable, *CONNECTION_ERRORS) as error:
                 logger.warning("broadcast subscription lost: %s", error)
             self._set_disconnected(count=True)
@@ -121,7 +139,16 @@ class Broadcast(ABC):
             listener.on_disconnected()
 
     @abstractmethod
-    async def _publish(self, payload: bytes) -> None: ...
+    async def _publish(self, message: bytes) -> int:
+        """Send ``message`` to every subscriber; return how many received it."""
+
+    @abstractmethod
+    async def _confirm(self, ack_id: str) -> None:
+        """Tell the publisher of ``ack_id`` that this instance handled it."""
+
+    @abstractmethod
+    async def _await_confirmations(self, ack_id: str, expected: int, within: float) -> int:
+        """Wait up to ``within`` seconds for ``expected`` confirmations; return how many came."""
 
     @abstractmethod
     def _listen(self, subscribed: Callable[[], None]) -> AsyncIterator[bytes]:
@@ -134,6 +161,8 @@ class MemoryHub:
 
     def __init__(self) -> None:
         self.queues: set[asyncio.Queue[bytes]] = set()
+        self.confirmations: dict[str, int] = {}
+        self.confirmed = asyncio.Condition()
 
 
 class MemoryBroadcast(Broadcast):
@@ -143,9 +172,31 @@ class MemoryBroadcast(Broadcast):
         super().__init__(**options)
         self.hub = hub or MemoryHub()
 
-    async def _publish(self, payload: bytes) -> None:
+    async def _publish(self, message: bytes) -> int:
+        ack_id, _, _ = message.partition(b" ")
+        if ack_id != b"-":
+            self.hub.confirmations[ack_id.decode()] = 0
         for queue in self.hub.queues:
-            queue.put_nowait(payload)
+            queue.put_nowait(message)
+        return len(self.hub.queues)
+
+    async def _confirm(self, ack_id: str) -> None:
+        async with self.hub.confirmed:
+            if ack_id in self.hub.confirmations:  # else: its publisher stopped waiting
+                self.hub.confirmations[ack_id] += 1
+                self.hub.confirmed.notify_all()
+
+    async def _await_confirmations(self, ack_id: str, expected: int, within: float) -> int:
+        confirmations = self.hub.confirmations
+        try:
+            async with self.hub.confirmed:
+                await asyncio.wait_for(
+                    self.hub.confirmed.wait_for(lambda: confirmations.get(ack_id, 0) >= expected),
+                    within,
+                )
+        except TimeoutError:
+            pass
+        return confirmations.pop(ack_id, 0)
 
     async def _listen(self, subscribed: Callable[[], None]) -> AsyncIterator[bytes]:
         queue: asyncio.Queue[bytes] = asyncio.Queue()
@@ -195,9 +246,36 @@ class RedisBroadcast(Broadcast):
         if self.owns_client:
             await self.client.aclose()
 
-    async def _publish(self, payload: bytes) -> None:
+    async def _publish(self, message: bytes) -> int:
         with unavailable_on_connection_errors():
-            await self.client.publish(self.channel, payload)
+            return int(await self.client.publish(self.channel, message))
+
+    def _confirmations_key(self, ack_id: str) -> str:
+        return f"{self.channel}:ack:{ack_id}"
+
+    async def _confirm(self, ack_id: str) -> None:
+        key = self._confirmations_key(ack_id)
+        with unavailable_on_connection_errors():
+            async with self.client.pipeline(transaction=False) as pipe:
+                pipe.rpush(key, 1)
+                pipe.pexpire(key, 60_000)
+                await pipe.execute()
+
+    async def _await_confirmations(self, ack_id: str, expected: int, within: float) -> int:
+        key = self._confirmations_key(ack_id)
+        deadline = time.monotonic() + within
+        confirmed = 0
+        with unavailable_on_connection_errors():
+            while confirmed < expected:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                # BLPOP's timeout has a resolution of milliseconds (Redis 6+).
+                if await self.client.blpop([key], timeout=max(remaining, 0.001)) is None:
+                    break
+                confirmed += 1
+            await self.client.delete(key)
+        return confirmed
 
     async def _listen(self, subscribed: Callable[[], None]) -> AsyncIterator[bytes]:
         pubsub = self.client.pubsub()
