@@ -171,11 +171,11 @@ class StampedBroadcast(RedisBroadcast):
         super().__init__(client, owns_client=True)
         self.sent_at: dict[str, float] = {}
 
-    async def publish(self, payload: bytes) -> None:
+    async def publish(self, payload: bytes, *, confirm_within: float | None = None) -> int:
         now = time.time()
         for key in orjson.loads(payload)["keys"]:
             self.sent_at.setdefault(key, now)
-        await super().publish(payload)
+        return await super().publish(payload, confirm_within=confirm_within)
 
 
 async def pipeline_role(database_url: str, redis_url: str) -> None:
