@@ -164,7 +164,9 @@ def serve(
             startup_banner(settings, url, tenants), flush=True
         ),
     )
-    uvicorn.run(application, host=host, port=port, log_level="info")
+    # Real-time messages are encoded once for all clients; per-connection compression
+    # would redo it for each one (see freshcache.realtime.layer).
+    uvicorn.run(application, host=host, port=port, log_level="info", ws_per_message_deflate=False)
 
 
 def _settings_or_exit(**overrides: Any) -> Settings:

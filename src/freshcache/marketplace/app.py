@@ -1,5 +1,6 @@
 """The application factory: ``create_app(settings)`` builds the ASGI app; its lifespan
-starts the instance's runtime (database, cache, bus, relay, worker) and stops it."""
+starts the instance's runtime (database, cache, bus, relay, worker) and real-time layer,
+and stops them."""
 
 from __future__ import annotations
 
@@ -8,12 +9,17 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from freshcache.marketplace import dashboard_page
+from freshcache.marketplace.analytics import DashboardAnalytics, interval_lock
 from freshcache.marketplace.auth import TenantDirectory
 from freshcache.marketplace.caching import CacheResultHeaderMiddleware
 from freshcache.marketplace.demo import DemoTenant, ensure_demo
 from freshcache.marketplace.errors import install_error_handlers
+from freshcache.marketplace.live import LiveSettings, LiveUpdates
 from freshcache.marketplace.metrics import Metrics, MetricsMiddleware
+from freshcache.marketplace.monitoring import Monitor
 from freshcache.marketplace.routes import catalog, marketplace, ops, orders, products, reports
+from freshcache.marketplace.routes import monitoring as monitoring_routes
 from freshcache.marketplace.routes import tenants as tenant_routes
 from freshcache.marketplace.runtime import Runtime
 from freshcache.marketplace.settings import Settings
@@ -25,25 +31,57 @@ ReadyCallback = Callable[[Runtime, list[DemoTenant]], None]
 """Called once the instance is ready to serve, with the demo tenants (if any)."""
 
 
-def create_app(settings: Settings, *, on_ready: ReadyCallback | None = None) -> FastAPI:
-    """The marketplace service as an ASGI app; nothing starts until its lifespan does."""
+def create_app(
+    settings: Settings, *, on_ready: ReadyCallback | None = None, live: LiveSettings | None = None
+) -> FastAPI:
+    """The marketplace service as an ASGI app; nothing starts until its lifespan does.
+
+    ``live``: the real-time layer's settings (by default from ``FRESHCACHE_LIVE_*``).
+    """
     metrics = Metrics()
+    live_updates = LiveUpdates(settings, live or LiveSettings.from_env())
+    monitor = Monitor(
+        metrics,
+        settings.monitor_interval,
+        admin_token=settings.admin_token,
+        realtime=live_updates.realtime,
+    )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        runtime = Runtime(settings)
+        runtime = Runtime(
+            settings, listeners=[live_updates.publish_changes, metrics.count_invalidations]
+        )
+        directory = TenantDirectory(runtime)
+        live_updates.bind(runtime, directory)
+        analytics = DashboardAnalytics(
+            runtime,
+            settings.analytics_interval,
+            interval_lock(runtime, lease=settings.analytics_interval),
+            publish=live_updates.realtime.publish_tenant_event,
+        )
+        # Before the worker starts: it counts the invalidations the worker applies.
+        metrics.attach(runtime, realtime=live_updates.realtime, analytics=analytics)
         await runtime.start()
         try:
             app.state.runtime = runtime
-            app.state.tenant_directory = TenantDirectory(runtime)
-            metrics.attach(runtime)
+            app.state.tenant_directory = directory
+            app.state.analytics = analytics
+            await live_updates.start()
             demo = await ensure_demo(runtime) if settings.demo else []
+            analytics.start()
+            await monitor.start()
             if on_ready is not None:
                 on_ready(runtime, demo)
             yield
         finally:
+            await monitor.stop()
+            await analytics.stop()
             metrics.detach()
-            await runtime.stop()
+            try:
+                await runtime.stop()  # the worker first: it publishes live updates
+            finally:
+                await live_updates.stop()
 
     app = FastAPI(
         title="freshcache marketplace",
@@ -53,9 +91,13 @@ def create_app(settings: Settings, *, on_ready: ReadyCallback | None = None) -> 
         redirect_slashes=False,
     )
     app.state.metrics = metrics
+    app.state.live = live_updates
+    app.state.monitor = monitor
     install_error_handlers(app)
-    for module in (tenant_routes, products, catalog, marketplace, orders, reports, ops):
+    routers = (tenant_routes, products, catalog, marketplace, orders, reports, ops)
+    for module in (*routers, monitoring_routes, dashboard_page):
         app.include_router(module.router)
+    live_updates.mount(app)
     # Added last is outermost: the latency measured includes the caching headers' work.
     app.add_middleware(CacheResultHeaderMiddleware)
     app.add_middleware(HttpCacheMiddleware)

@@ -19,21 +19,22 @@ import logging
 import os
 import secrets
 import socket
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import redis.asyncio as redis
 
-from freshcache.cache import Cache
 from freshcache.core.events import Event
 from freshcache.core.keys import KeySpace, commerce_keyspace
 from freshcache.core.rules import MARKETPLACE_RULES, RuleError, RuleSet
 from freshcache.marketplace.database import Database
 from freshcache.marketplace.schema import WATCHED_TABLES
 from freshcache.marketplace.settings import Settings
+from freshcache.marketplace.warming import WarmingCache
 from freshcache.pipeline.broadcast import RedisBroadcast
 from freshcache.pipeline.bus import Bus, MemoryBus, RedisStreamBus
 from freshcache.pipeline.relay import OutboxRelay
-from freshcache.pipeline.worker import EVENTS_TOPIC, InvalidationWorker
+from freshcache.pipeline.worker import EVENTS_TOPIC, EventListener, InvalidationWorker
 from freshcache.stores.base import Store, StoreUnavailable
 from freshcache.stores.memory import MemoryStore
 from freshcache.stores.redis import RedisStore
@@ -85,9 +86,12 @@ class SyncStats:
 
 
 class Runtime:
-    """The long-lived objects of one instance; :meth:`start` and :meth:`stop` them."""
+    """The long-lived objects of one instance; :meth:`start` and :meth:`stop` them.
 
-    def __init__(self, settings: Settings) -> None:
+    ``listeners`` get each batch of events the worker applied (the real-time layer).
+    """
+
+    def __init__(self, settings: Settings, *, listeners: Sequence[EventListener] = ()) -> None:
         self.settings = settings
         self.keyspace = service_keyspace(settings.key_prefix)
         self.rules = load_rules(settings, self.keyspace)
@@ -108,14 +112,17 @@ class Runtime:
             )
             # Tells near caches elsewhere (e.g. in other services) about invalidations.
             broadcast = RedisBroadcast.from_url(settings.redis_url)
-        self.cache = Cache(store, broadcast=broadcast)
+        # Rebuilds the most read products, pages and searches after a namespace bump.
+        self.cache = WarmingCache(store, self.keyspace, broadcast=broadcast)
         # The relay reads rows, then marks them sent: a writer's transaction.
         self.relay = OutboxRelay(
             self.database.writer, self.bus, poll_interval=settings.relay_poll_interval
         )
         # Unique per instance: several instances may share a host and even a process.
         consumer = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
-        self.worker = InvalidationWorker(self.bus, self.rules, self.cache, consumer=consumer)
+        self.worker = InvalidationWorker(
+            self.bus, self.rules, self.cache, consumer=consumer, listeners=listeners
+        )
         self.sync = SyncStats()
         self._tasks: list[asyncio.Task[None]] = []
 

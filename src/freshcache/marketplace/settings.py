@@ -45,6 +45,16 @@ def _switch(variable: str, value: str) -> bool:
     raise ValueError(f"{variable}: expected on or off, got {value!r}")
 
 
+def _seconds(variable: str, value: str | None, default: float) -> float:
+    """A duration variable's value in seconds (``default`` when unset)."""
+    if not value:
+        return default
+    try:
+        return float(value)
+    except ValueError:
+        raise ValueError(f"{variable}: expected a number of seconds, got {value!r}") from None
+
+
 @dataclass(frozen=True)
 class Settings:
     """How one service instance runs.
@@ -70,6 +80,12 @@ class Settings:
       (``FRESHCACHE_CACHE=off``) loads every one from the database and answers it as a
       miss, to measure what the cache saves; invalidations and HTTP caching headers are
       unchanged.
+    - ``analytics_interval``: seconds between two pre-computations of every tenant's
+      dashboard figures (``FRESHCACHE_ANALYTICS_INTERVAL``, default 300: the
+      specification's 5 to 15 minutes); one instance of the deployment runs each.
+    - ``monitor_interval``: seconds between two evaluations of the alert rules, each of
+      which also records a point of the operator's charts (``FRESHCACHE_MONITOR_INTERVAL``,
+      default 10).
     """
 
     data_dir: Path = Path(".freshcache")
@@ -83,6 +99,8 @@ class Settings:
     rules_path: Path | None = None
     key_prefix: str = "fc:"
     cache_enabled: bool = True
+    analytics_interval: float = 300.0
+    monitor_interval: float = 10.0
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -101,6 +119,12 @@ class Settings:
             rules_path=None if rules is None else Path(rules),
             key_prefix=env.get("FRESHCACHE_KEY_PREFIX") or "fc:",
             cache_enabled=_switch("FRESHCACHE_CACHE", env.get("FRESHCACHE_CACHE") or "on"),
+            analytics_interval=_seconds(
+                "FRESHCACHE_ANALYTICS_INTERVAL", env.get("FRESHCACHE_ANALYTICS_INTERVAL"), 300.0
+            ),
+            monitor_interval=_seconds(
+                "FRESHCACHE_MONITOR_INTERVAL", env.get("FRESHCACHE_MONITOR_INTERVAL"), 10.0
+            ),
         )
         return replace(settings, **overrides)
 
@@ -111,6 +135,8 @@ class Settings:
             raise ValueError("FRESHCACHE_ADMIN_TOKEN must be at least 16 characters")
         if self.relay_poll_interval <= 0:
             raise ValueError("relay_poll_interval must be > 0")
+        if self.analytics_interval <= 0 or self.monitor_interval <= 0:
+            raise ValueError("analytics_interval and monitor_interval must be > 0")
 
     @property
     def sqlalchemy_url(self) -> str:

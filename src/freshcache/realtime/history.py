@@ -225,7 +225,9 @@ if #last > 0 then previous = last[1][1] end
 local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*',
                       'e', ARGV[5], 'p', ARGV[6], 'v', previous)
 redis.call('EXPIRE', KEYS[1], ARGV[2])
-redis.call('PUBLISH', ARGV[3], ARGV[4] .. '\\n' .. id .. '\\n' .. ARGV[5] .. '\\n' .. ARGV[6])
+-- '- ': a broadcast no one waits to see confirmed (freshcache.pipeline.broadcast's wire form)
+redis.call('PUBLISH', ARGV[3],
+           '- ' .. ARGV[4] .. '\\n' .. id .. '\\n' .. ARGV[5] .. '\\n' .. ARGV[6])
 return id
 """
 

@@ -143,6 +143,7 @@ def unavailable_on_connection_errors() -> Iterator[None]:
     except CONNECTION_ERRORS as error:
         raise StoreUnavailable(f"redis unavailable: {error}") from error
 
+
 P = ParamSpec("P")
 R = TypeVar("R")
 
