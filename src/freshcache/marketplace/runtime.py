@@ -33,8 +33,14 @@ from freshcache.marketplace.settings import Settings
 from freshcache.marketplace.warming import WarmingCache
 from freshcache.pipeline.broadcast import RedisBroadcast
 from freshcache.pipeline.bus import Bus, MemoryBus, RedisStreamBus
+from freshcache.pipeline.cdn import PurgeError, VarnishPurger
 from freshcache.pipeline.relay import OutboxRelay
-from freshcache.pipeline.worker import EVENTS_TOPIC, EventListener, InvalidationWorker
+from freshcache.pipeline.worker import (
+    EVENTS_TOPIC,
+    EventListener,
+    InvalidationWorker,
+    cdn_tags,
+)
 from freshcache.stores.base import Store, StoreUnavailable
 from freshcache.stores.memory import MemoryStore
 from freshcache.stores.redis import RedisStore
@@ -120,8 +126,16 @@ class Runtime:
         )
         # Unique per instance: several instances may share a host and even a process.
         consumer = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+        # The CDN in front of the service, purged by surrogate key (the names of the keys,
+        # tags and namespaces a change invalidates, which responses carry).
+        self.purger = VarnishPurger(list(settings.varnish_urls)) if settings.varnish_urls else None
         self.worker = InvalidationWorker(
-            self.bus, self.rules, self.cache, consumer=consumer, listeners=listeners
+            self.bus,
+            self.rules,
+            self.cache,
+            purger=self.purger,
+            consumer=consumer,
+            listeners=listeners,
         )
         self.sync = SyncStats()
         self._tasks: list[asyncio.Task[None]] = []
@@ -153,6 +167,8 @@ class Runtime:
                     await task
         self._tasks = []
         await self.cache.aclose()
+        if self.purger is not None:
+            await self.purger.close()
         await self.bus.close()
         await self.database.dispose()
 
@@ -166,10 +182,13 @@ class Runtime:
         failed (it is committed).
         """
         for event in events:
+            plan = self.rules.plan(event)
             try:
-                await self.cache.apply(self.rules.plan(event))
+                await self.cache.apply(plan)
+                if self.purger is not None:
+                    await self.purger.purge_tags(cdn_tags(plan))
                 self.sync.applied += 1
-            except StoreUnavailable as error:
+            except (StoreUnavailable, PurgeError) as error:
                 self.sync.failed += 1
                 logger.warning("could not invalidate %s now (%s)", event.event_type, error)
 

@@ -86,6 +86,9 @@ class Settings:
     - ``monitor_interval``: seconds between two evaluations of the alert rules, each of
       which also records a point of the operator's charts (``FRESHCACHE_MONITOR_INTERVAL``,
       default 10).
+    - ``varnish_urls``: the Varnish instances in front of the service
+      (``FRESHCACHE_VARNISH_URLS``, space- or comma-separated, e.g.
+      ``http://127.0.0.1:6081``), purged by surrogate key with each invalidation.
     """
 
     data_dir: Path = Path(".freshcache")
@@ -101,6 +104,7 @@ class Settings:
     cache_enabled: bool = True
     analytics_interval: float = 300.0
     monitor_interval: float = 10.0
+    varnish_urls: tuple[str, ...] = ()
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -124,6 +128,9 @@ class Settings:
             ),
             monitor_interval=_seconds(
                 "FRESHCACHE_MONITOR_INTERVAL", env.get("FRESHCACHE_MONITOR_INTERVAL"), 10.0
+            ),
+            varnish_urls=tuple(
+                (env.get("FRESHCACHE_VARNISH_URLS") or "").replace(",", " ").split()
             ),
         )
         return replace(settings, **overrides)
