@@ -200,6 +200,8 @@ def worker() -> None:
     For production (FRESHCACHE_DATABASE_URL and FRESHCACHE_REDIS_URL set): run as many as
     you like; `serve` instances then run with FRESHCACHE_RUN_PIPELINE=0. Stops on Ctrl-C.
     """
+    from freshcache.marketplace.auth import TenantDirectory
+    from freshcache.marketplace.live import LiveSettings, LiveUpdates
     from freshcache.marketplace.runtime import Runtime
 
     settings = _settings_or_exit(demo=False, run_pipeline=True)
@@ -210,13 +212,21 @@ def worker() -> None:
         raise typer.Exit(2)
 
     async def run() -> None:
-        runtime = Runtime(settings)
+        # The worker publishes the real-time updates of the changes it applies (through
+        # Redis, to every `serve` instance's clients).
+        live = LiveUpdates(settings, LiveSettings.from_env())
+        runtime = Runtime(settings, listeners=[live.publish_changes])
+        live.bind(runtime, TenantDirectory(runtime))
         await runtime.start()
+        await live.start()
         print(f"worker {runtime.worker.consumer} running; Ctrl-C stops it", flush=True)
         try:
             await asyncio.Event().wait()
         finally:
-            await runtime.stop()
+            try:
+                await runtime.stop()  # the worker first: it publishes live updates
+            finally:
+                await live.stop()
 
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(run())
