@@ -36,5 +36,5 @@ def startup_banner(settings: Settings, url: str, demo: list[DemoTenant]) -> str:
         lines += [f"    {tenant.name}: {tenant.api_key}" for tenant in demo]
         token = demo[0].api_key
         lines.append(f"  try: curl -H 'Authorization: Bearer {token}' {url}/api/dashboard")
-    lines.append(f"  API docs: {url}/docs   metrics: {url}/metrics")
+    lines.append(f"  dashboard: {url}/dashboard   API docs: {url}/docs   metrics: {url}/metrics")
     return "\n".join(lines)
