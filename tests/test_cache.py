@@ -338,3 +338,15 @@ async def test_a_fill_stored_since_a_miss_is_used_not_loaded_again() -> None:
     assert await Cache(store).get_or_load(product(), source.loader("p1")) == 0  # fills it
     assert await slow_reader == 0
     assert source.loads == 1
+
+
+async def test_read_through_tells_how_a_value_was_served(store: Store) -> None:
+    cache = Cache(store)
+    key = FAST_ITEM(tenantId="t1", id="outcome")
+    source = Source()
+    assert (await cache.read_through(key, source.loader("a"))).outcome == "miss"
+    assert (await cache.read_through(key, source.loader("a"))).outcome == "hit"
+    await asyncio.sleep(0.3)  # past the TTL, inside the stale window
+    stale = await cache.read_through(key, source.loader("a"))
+    assert (stale.value, stale.outcome) == (0, "stale")
+    await cache.aclose()

@@ -17,7 +17,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, fields
-from typing import Any, TypeVar
+from typing import Any, Generic, Literal, TypeVar
 
 from freshcache.core.keys import CacheKey, Namespace, Tag
 from freshcache.core.plan import InvalidationPlan
@@ -26,7 +26,7 @@ from freshcache.pipeline.broadcast import Broadcast
 from freshcache.serialization import JsonSerializer, Serializer
 from freshcache.stores.base import Conflict, Entry, Store, StoreUnavailable
 
-__all__ = ["Cache", "CacheStats"]
+__all__ = ["Cache", "CacheRead", "CacheStats"]
 
 T = TypeVar("T")
 Loader = Callable[[], Awaitable[T]]
@@ -57,6 +57,16 @@ class CacheStats:
 
     def as_dict(self) -> dict[str, int]:
         return {field.name: getattr(self, field.name) for field in fields(self)}
+
+
+@dataclass(frozen=True, slots=True)
+class CacheRead(Generic[T]):
+    """A value read through the cache and how it was served: ``hit`` (a fresh cached
+    value), ``stale`` (a stale one, being refreshed in the background) or ``miss`` (the
+    reader waited for a load)."""
+
+    value: T
+    outcome: Literal["hit", "stale", "miss"]
 
 
 @dataclass(slots=True)
@@ -177,13 +187,18 @@ class Cache:
         entry within the tier's stale-while-revalidate window is returned at once while
         one background task refreshes it.
         """
+        return (await self.read_through(key, loader)).value
+
+    async def read_through(self, key: CacheKey, loader: Loader[T]) -> CacheRead[T]:
+        """:meth:`get_or_load`, also telling how the value was served (for metrics and
+        ``X-Cache``-style headers): ``hit``, ``stale`` or ``miss``."""
         near = self.near
         for _ in range(_MAX_ATTEMPTS):
             if near is not None:
                 kept = near.lookup(key.physical)
                 if kept is not MISSING:
                     self.stats.near_hits += 1
-                    return kept  # type: ignore[return-value]
+                    return CacheRead(kept, "hit")  # type: ignore[arg-type]
                 epoch = near.epoch
             entry = await self._read(key)
             if entry is not None:
@@ -196,21 +211,21 @@ class Cache:
                     if self._should_refresh_early(entry, now):
                         self.stats.early_refreshes += 1
                         self._refresh_in_background(key, loader)
-                else:
-                    self.stats.stale_hits += 1
-                    self._refresh_in_background(key, loader)
-                return value
+                    return CacheRead(value, "hit")
+                self.stats.stale_hits += 1
+                self._refresh_in_background(key, loader)
+                return CacheRead(value, "stale")
             self.stats.misses += 1
             flight = self._flights.get(key.physical)
             if flight is None:
                 flight = self._start_flight(key)
-                return await self._fly(key, loader, flight, wait_for_others=True)
+                return CacheRead(await self._fly(key, loader, flight, wait_for_others=True), "miss")
             result = await asyncio.shield(flight.future)
             if flight.shareable:
-                return result  # type: ignore[no-any-return]
+                return CacheRead(result, "miss")
             # That fill lost to an invalidation that may precede this read: read again.
         self.stats.loads += 1
-        return await loader()
+        return CacheRead(await loader(), "miss")
 
     async def _read(self, key: CacheKey) -> Entry | None:
         if self._store_is_down():

@@ -1,7 +1,7 @@
 """How a route reads through the cache and declares its HTTP caching in one call.
 
-:func:`cached_read` is cache-aside with the library's leases (``Cache.get_or_load``),
-records hit or miss for the metrics and for the response's ``X-Cache`` header
+:func:`cached_read` is cache-aside with the library's leases (``Cache.read_through``),
+records hit, stale or miss for the metrics and for the response's ``X-Cache`` header
 (:class:`CacheResultHeaderMiddleware`), and sets the response's :class:`CachePolicy`:
 private and ``Vary: Authorization`` for tenant data, public for marketplace data.
 """
@@ -19,6 +19,7 @@ from freshcache.core.keys import CacheKey
 from freshcache.core.policy import Tier
 from freshcache.marketplace.auth import runtime_of
 from freshcache.marketplace.metrics import CACHE_RESULT_STATE, Metrics
+from freshcache.observability import CacheResult
 from freshcache.web import CachePolicy, set_cache_policy
 
 __all__ = ["CacheResultHeaderMiddleware", "cached_read", "never_cache", "with_tier"]
@@ -44,19 +45,13 @@ async def cached_read(
     its HTTP caching policy. An exception of the loader (e.g. a 404) propagates and
     nothing is cached."""
     runtime = runtime_of(request)
-    loaded = False
-
-    async def load() -> T:
-        nonlocal loaded
-        loaded = True
-        return await loader()
-
     if runtime.settings.cache_enabled:
-        value = await runtime.cache.get_or_load(key, load)
+        read = await runtime.cache.read_through(key, loader)
+        value, outcome = read.value, CacheResult(read.outcome)
     else:
-        value = await load()
+        value, outcome = await loader(), CacheResult.MISS
     metrics: Metrics = request.app.state.metrics
-    metrics.record_cache_result(request, hit=not loaded)
+    metrics.record_cache_result(request, outcome)
     vary = ("Authorization",) if scope == "private" else ()
     set_cache_policy(request, CachePolicy.for_key(key, scope, vary=vary))
     return value
@@ -68,9 +63,10 @@ def never_cache(request: Request) -> None:
 
 
 class CacheResultHeaderMiddleware:
-    """Raw ASGI middleware telling, in an ``X-Cache: hit|miss`` response header, whether
-    a cached read was served from the cache or loaded (``miss``); responses of routes
-    that do not read through the cache get no such header."""
+    """Raw ASGI middleware telling, in an ``X-Cache: hit|stale|miss`` response header,
+    whether a cached read was served from the cache (``stale``: past its TTL, within its
+    stale-while-revalidate window) or loaded (``miss``); responses of routes that do not
+    read through the cache get no such header."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app

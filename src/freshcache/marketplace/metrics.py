@@ -1,10 +1,9 @@
 """Prometheus metrics of one service instance, under the contract of
 :mod:`freshcache.observability.names` (prometheus-client, a registry per app).
 
-- ``freshcache_cache_requests_total{endpoint, result}``: cached reads by route, ``hit``
-  or ``miss`` (the loader ran). A stale read, served at once while it is refreshed in the
-  background, counts as a ``hit``: the cache facade does not tell a route which of the
-  two it served (the alerts count both as served by the cache anyway).
+- ``freshcache_cache_requests_total{endpoint, result}``: cached reads by route, ``hit``,
+  ``stale`` (served at once while refreshed in the background) or ``miss`` (the reader
+  waited for a load), as ``Cache.read_through`` reports them.
 - ``freshcache_http_request_duration_seconds{endpoint, method, cache}``: latency, with
   ``cache`` ``hit``, ``miss`` or ``none`` (a route that does not cache), so cached and
   uncached latencies are two series of one histogram.
@@ -190,8 +189,7 @@ class Metrics:
             self._collector = None
         self._runtime = None
 
-    def record_cache_result(self, request: Request, hit: bool) -> None:
-        result = CacheResult.HIT if hit else CacheResult.MISS
+    def record_cache_result(self, request: Request, result: CacheResult) -> None:
         self.cache_requests.labels(endpoint_of(request.scope), result).inc()
         setattr(request.state, CACHE_RESULT_STATE, str(result))
 
@@ -441,6 +439,8 @@ class MetricsMiddleware:
         finally:
             stream.close()
             cache = scope.get("state", {}).get(CACHE_RESULT_STATE, "none")
+            if cache == CacheResult.STALE:
+                cache = CacheResult.HIT  # latency: served from the cache all the same
             method = scope["method"] if scope["method"] in _METHODS else "other"
             self.metrics.request_duration.labels(endpoint_of(scope), method, cache).observe(
                 time.perf_counter() - started

@@ -29,7 +29,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass, fields
 from typing import Any, TypeVar
 
-from freshcache.cache import Cache
+from freshcache.cache import Cache, CacheRead
 from freshcache.core.keys import CacheKey, KeySpace, KeyTemplate, Namespace
 from freshcache.core.plan import InvalidationPlan
 from freshcache.pipeline.broadcast import Broadcast
@@ -102,8 +102,9 @@ class WarmingCache(Cache):
         self._bumped: dict[str, Namespace] = {}
         self._run: asyncio.Task[None] | None = None
 
-    async def get_or_load(self, key: CacheKey, loader: Callable[[], Awaitable[T]]) -> T:
-        """``Cache.get_or_load``, counting the read of a warmed template's key."""
+    async def read_through(self, key: CacheKey, loader: Callable[[], Awaitable[T]]) -> CacheRead[T]:
+        """``Cache.read_through`` (which ``get_or_load`` uses too), counting the read of a
+        warmed template's key."""
         remembered = self._loaders.get(key.template)
         if remembered is not None and not _warming.get():
             remembered[key.physical] = loader
@@ -111,7 +112,7 @@ class WarmingCache(Cache):
             if len(remembered) > self._remember_limit:
                 remembered.popitem(last=False)
             self.warmer.track(key)
-        return await super().get_or_load(key, loader)
+        return await super().read_through(key, loader)
 
     async def apply(self, plan: InvalidationPlan) -> None:
         """``Cache.apply``, then (in the background) the warming of the popular keys of
