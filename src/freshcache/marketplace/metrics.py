@@ -125,8 +125,8 @@ class RealtimeCounts:
     Socket.IO's figures come from the real-time layer's stats: connections opened are
     the open ones plus those closed, closed ones by reason, less the SSE evictions the
     layer counts with them (it counts a slow consumer's disconnect for both transports
-    under one reason). Messages are counted per transport for SSE only; the layer counts
-    Socket.IO's deliveries together with the streams' (see ``_RuntimeCollector``).
+    under one reason). Socket.IO's messages delivered and dropped come from the layer's
+    per-transport counts (see ``_RuntimeCollector``).
     """
 
     sse_connects: int = 0
@@ -409,6 +409,14 @@ class _RuntimeCollector(Collector):
         messages.add_metric(
             [Transport.SSE.value, DeliveryResult.DELIVERED.value], counts.sse_frames
         )
+        for result, by_transport in (
+            (DeliveryResult.DELIVERED, stats.delivered_by_transport),
+            (DeliveryResult.DROPPED, stats.dropped_by_transport),
+        ):
+            messages.add_metric(
+                [Transport.SOCKETIO.value, result.value],
+                by_transport.get(Transport.SOCKETIO.value, 0),
+            )
         # Each eviction drops at least the message that did not fit.
         messages.add_metric([Transport.SSE.value, DeliveryResult.DROPPED.value], counts.sse_evicted)
         yield messages

@@ -73,9 +73,24 @@ class RealtimeStats:
     resyncs: int = 0
     slow_consumers: int = 0
     disconnects: dict[str, int] = field(default_factory=dict)
+    delivered_by_transport: dict[str, int] = field(default_factory=dict)
+    """Messages queued to members, by the transport of their room (``socketio``, ``sse``)."""
+    dropped_by_transport: dict[str, int] = field(default_factory=dict)
+    """Messages that did not fit a member's send queue (the member was evicted)."""
 
     def count_disconnect(self, reason: str) -> None:
         self.disconnects[reason] = self.disconnects.get(reason, 0) + 1
+
+    def count_deliveries(self, transport: str, delivered: int, dropped: int = 0) -> None:
+        self.deliveries += delivered
+        if delivered:
+            self.delivered_by_transport[transport] = (
+                self.delivered_by_transport.get(transport, 0) + delivered
+            )
+        if dropped:
+            self.dropped_by_transport[transport] = (
+                self.dropped_by_transport.get(transport, 0) + dropped
+            )
 
 
 class Member(Generic[Frame]):
@@ -102,6 +117,7 @@ class RoomDelivery(Generic[Frame]):
     encode: Callable[[RoomMessage], Frame]
     resync: Callable[[LocalRoom[Frame], str], Awaitable[None]]
     evict: Callable[[Member[Frame]], None]
+    transport: str
 
 
 class LocalRoom(Generic[Frame]):
@@ -217,14 +233,15 @@ class Fanout:
                     delivered += 1
                 else:
                     full.append(member)
-        self.stats.deliveries += delivered
+        self.stats.count_deliveries(room.delivery.transport, delivered, len(full))
         for member in full:
             room.delivery.evict(member)
 
     def _offer(self, room: LocalRoom[Frame], member: Member[Frame], frame: Frame) -> None:
         if member.sink.put(frame):
-            self.stats.deliveries += 1
+            self.stats.count_deliveries(room.delivery.transport, 1)
         else:
+            self.stats.count_deliveries(room.delivery.transport, 0, 1)
             room.delivery.evict(member)
 
     def offer_each(self, room: LocalRoom[Frame], frame_at: Callable[[Position], Frame]) -> None:
@@ -232,6 +249,7 @@ class Fanout:
         members; ``frame_at(position)`` builds it for a member at that position."""
         frames: dict[Position, Frame] = {}
         full: list[Member[Frame]] = []
+        delivered = 0
         for member in room.members.values():
             if member.pending is not None:
                 continue
@@ -239,9 +257,10 @@ class Fanout:
             if frame is None:
                 frame = frames[member.position] = frame_at(member.position)
             if member.sink.put(frame):
-                self.stats.deliveries += 1
+                delivered += 1
             else:
                 full.append(member)
+        self.stats.count_deliveries(room.delivery.transport, delivered, len(full))
         for member in full:
             room.delivery.evict(member)
 

@@ -351,6 +351,7 @@ class SocketRooms:
             encode=_room_encoder(room),
             resync=partial(self._resync_snapshot, tenant, room),
             evict=self.evict,
+            transport="socketio",
         )
 
     @staticmethod

@@ -159,7 +159,9 @@ class TenantStreams:
     ) -> AsyncIterator[bytes]:
         room = self.fanout.room(
             channel,
-            lambda: RoomDelivery(_encode, partial(self.resync_snapshot, tenant), self.evict),
+            lambda: RoomDelivery(
+                _encode, partial(self.resync_snapshot, tenant), self.evict, transport="sse"
+            ),
         )
         stream = _Stream(room, self.send_queue_limit)
         member = self.fanout.join(room, stream, stream)
