@@ -13,7 +13,6 @@ import hashlib
 import re
 from typing import Any
 
-from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from freshcache.web.policy import POLICY_STATE_KEY, CachePolicy
@@ -23,7 +22,9 @@ __all__ = ["HttpCacheMiddleware", "if_none_match_matches", "strong_etag"]
 _CACHEABLE_METHODS = frozenset({"GET", "HEAD"})
 # Content headers a 304 leaves out (RFC 9110 15.4.5): it has no content; a cache keeps
 # its stored ones.
-_NOT_IN_304 = ("content-length", "content-type", "content-encoding", "content-language")
+_NOT_IN_304 = frozenset(
+    {b"content-length", b"content-type", b"content-encoding", b"content-language"}
+)
 _ENTITY_TAG = re.compile(r'(?:W/)?"([^"]*)"')
 
 
@@ -56,18 +57,34 @@ def _merge_tokens(existing: list[str], added: tuple[str, ...], separator: str) -
     return list(merged.values())
 
 
-def _apply_policy(headers: MutableHeaders, policy: CachePolicy) -> None:
-    headers["cache-control"] = policy.cache_control
+RawHeaders = list[tuple[bytes, bytes]]
+
+
+def _values(raw: RawHeaders, name: bytes) -> list[str]:
+    return [value.decode("latin-1") for key, value in raw if key == name]
+
+
+def _replace(raw: RawHeaders, name: bytes, value: str) -> None:
+    raw[:] = [(key, old) for key, old in raw if key != name]
+    raw.append((name, value.encode("latin-1")))
+
+
+def _apply_policy(raw: RawHeaders, policy: CachePolicy) -> None:
+    # Works on the raw ASGI header list (names are lower-case bytes): the usual response
+    # sets none of these headers itself, so most of this is appending.
+    _replace(raw, b"cache-control", policy.cache_control)
     if policy.vary:
-        headers["vary"] = ", ".join(_merge_tokens(headers.getlist("vary"), policy.vary, ","))
+        existing = _values(raw, b"vary")
+        _replace(raw, b"vary", ", ".join(_merge_tokens(existing, policy.vary, ",")))
     # Surrogate keys are case-sensitive: merged exactly, in both headers (Fastly and
     # most CDNs read Surrogate-Key, Varnish's xkey module reads xkey).
-    existing = [*headers.getlist("surrogate-key"), *headers.getlist("xkey")]
+    existing = [*_values(raw, b"surrogate-key"), *_values(raw, b"xkey")]
     keys = dict.fromkeys(key for value in existing for key in value.split())
     keys.update(dict.fromkeys(policy.surrogate_keys))
     if keys:
-        headers["surrogate-key"] = " ".join(keys)
-        headers["xkey"] = " ".join(keys)
+        joined = " ".join(keys)
+        _replace(raw, b"surrogate-key", joined)
+        _replace(raw, b"xkey", joined)
 
 
 class HttpCacheMiddleware:
@@ -100,7 +117,7 @@ class HttpCacheMiddleware:
         # Created here, so that the route's request.state and this middleware share one
         # dict even if something between them copies the scope.
         state: dict[str, Any] = scope.setdefault("state", {})
-        if_none_match = ", ".join(Headers(scope=scope).getlist("if-none-match")) or None
+        if_none_match = ", ".join(_values(scope["headers"], b"if-none-match")) or None
         response = _CachedResponse(send, state, if_none_match, hash_body=self.etag)
         await self.app(scope, receive, response.send)
 
@@ -136,33 +153,35 @@ class _CachedResponse:
             await self._send(message)
             return
         # A copy: the route's response object may reuse its header list.
-        message = {**message, "headers": list(message.get("headers", []))}
-        headers = MutableHeaders(raw=message["headers"])
-        _apply_policy(headers, policy)
+        raw: RawHeaders = list(message.get("headers", []))
+        message = {**message, "headers": raw}
+        _apply_policy(raw, policy)
+        etag = _values(raw, b"etag")
         if policy.no_store or message["status"] != 200:
             await self._send(message)
-        elif "etag" in headers:
-            await self._send_validated(message, headers["etag"])
-        elif self._hash_body and "content-length" in headers:
+        elif etag:
+            await self._send_validated(message, etag[0])
+        elif self._hash_body and _values(raw, b"content-length"):
             self._held_start = message
         else:
             await self._send(message)
 
     async def _finish_held(self, start: Message, message: Message) -> None:
-        headers = MutableHeaders(raw=start["headers"])
+        raw: RawHeaders = start["headers"]
         body: bytes = message.get("body", b"")
         whole_body = (
             message["type"] == "http.response.body"
             and not message.get("more_body", False)
-            and str(len(body)) == headers["content-length"]
+            and [str(len(body))] == _values(raw, b"content-length")
         )
         if not whole_body:
             # A stream, or a body left out (a HEAD answered by headers only): no hash.
             await self._send(start)
             await self._send(message)
             return
-        headers["etag"] = strong_etag(body)
-        await self._send_validated(start, headers["etag"], message)
+        etag = strong_etag(body)
+        _replace(raw, b"etag", etag)
+        await self._send_validated(start, etag, message)
 
     async def _send_validated(
         self, start: Message, etag: str, body_message: Message | None = None
@@ -174,9 +193,9 @@ class _CachedResponse:
             if body_message is not None:
                 await self._send(body_message)
             return
-        headers = MutableHeaders(raw=start["headers"])
-        for name in _NOT_IN_304:
-            del headers[name]
+        start["headers"] = [
+            (key, value) for key, value in start["headers"] if key not in _NOT_IN_304
+        ]
         self._not_modified = True
         await self._send({**start, "status": 304})
         await self._send({"type": "http.response.body", "body": b"", "more_body": False})
