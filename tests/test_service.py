@@ -56,7 +56,7 @@ def postgres_server() -> Iterator[PostgresServer]:
         yield server
 
 
-@pytest.fixture(params=["embedded", "shared"])
+@pytest.fixture(params=["embedded", "shared", "shared-near"])
 async def deployment(
     request: pytest.FixtureRequest, tmp_path: Path, redis_server: RedisServer
 ) -> AsyncIterator[Deployment]:
@@ -68,7 +68,10 @@ async def deployment(
     client = redis.Redis.from_url(redis_server.url)
     await client.flushdb()
     await client.aclose()
-    shared = settings_for(tmp_path, database_url=postgres.url, redis_url=redis_server.url)
+    # shared-near: every instance also keeps values in memory (near caches), and each
+    # invalidation waits for all of them to drop their copies.
+    near = {"near_cache_ttl": 30.0} if request.param == "shared-near" else {}
+    shared = settings_for(tmp_path, database_url=postgres.url, redis_url=redis_server.url, **near)
     async with running(shared) as a, running(shared) as b:
         yield Deployment("shared", a, b)
 

@@ -4,11 +4,12 @@ Embedded default: SQLite, :class:`MemoryStore`, :class:`MemoryBus`, relay and wo
 this process. Production: PostgreSQL, :class:`RedisStore`, :class:`RedisStreamBus` and a
 :class:`RedisBroadcast`, shared by every instance and ``freshcache worker`` process.
 
-No near cache, deliberately. A write through instance A applies its invalidation to the
-shared store before A responds (read-your-writes), but the broadcast that would drop B's
-near-cache copy is pub/sub: it may reach B after B has served the next request from that
-copy. Tenant data must be fresh on the very next request from any instance, so reads go
-to the shared store; in the embedded default the store is in-process anyway.
+Near caches are off unless ``near_cache_ttl`` is set. A write through instance A applies
+its invalidation to the shared store before A responds (read-your-writes); with near
+caches, the broadcast that drops B's copy must also have been handled before A responds,
+so invalidations then wait for every instance's confirmation (``confirm_seconds`` at
+most; an instance that does not confirm is counted and clears itself once its dead
+subscription is noticed). In the embedded default the store is in-process anyway.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from freshcache.marketplace.database import Database
 from freshcache.marketplace.schema import WATCHED_TABLES
 from freshcache.marketplace.settings import Settings
 from freshcache.marketplace.warming import WarmingCache
+from freshcache.near import NearCache
 from freshcache.pipeline.broadcast import RedisBroadcast
 from freshcache.pipeline.bus import Bus, MemoryBus, RedisStreamBus
 from freshcache.pipeline.cdn import PurgeError, VarnishPurger
@@ -118,8 +120,19 @@ class Runtime:
             )
             # Tells near caches elsewhere (e.g. in other services) about invalidations.
             broadcast = RedisBroadcast.from_url(settings.redis_url)
+        near = None
+        if broadcast is not None and settings.near_cache_ttl > 0:
+            near = NearCache(ttl=settings.near_cache_ttl)
         # Rebuilds the most read products, pages and searches after a namespace bump.
-        self.cache = WarmingCache(store, self.keyspace, broadcast=broadcast)
+        self.cache = WarmingCache(
+            store,
+            self.keyspace,
+            broadcast=broadcast,
+            near=near,
+            # With near caches, an invalidation returns once every instance dropped its
+            # copies: read-your-writes across instances holds for them too.
+            confirm_invalidations=settings.confirm_seconds if near is not None else None,
+        )
         # The relay reads rows, then marks them sent: a writer's transaction.
         self.relay = OutboxRelay(
             self.database.writer, self.bus, poll_interval=settings.relay_poll_interval

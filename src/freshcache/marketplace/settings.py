@@ -86,6 +86,11 @@ class Settings:
     - ``monitor_interval``: seconds between two evaluations of the alert rules, each of
       which also records a point of the operator's charts (``FRESHCACHE_MONITOR_INTERVAL``,
       default 10).
+    - ``near_cache_ttl``: with Redis, keep cached values in each instance's memory too,
+      at most this many seconds (``FRESHCACHE_NEAR_CACHE_TTL``; unset or 0: off). Every
+      invalidation then waits until every instance has dropped its copies (at most
+      ``confirm_seconds``, ``FRESHCACHE_CONFIRM_SECONDS``, default 0.5), so a write is
+      still seen by the next read on any instance.
     - ``varnish_urls``: the Varnish instances in front of the service
       (``FRESHCACHE_VARNISH_URLS``, space- or comma-separated, e.g.
       ``http://127.0.0.1:6081``), purged by surrogate key with each invalidation.
@@ -105,6 +110,8 @@ class Settings:
     analytics_interval: float = 300.0
     monitor_interval: float = 10.0
     varnish_urls: tuple[str, ...] = ()
+    near_cache_ttl: float = 0.0
+    confirm_seconds: float = 0.5
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -128,6 +135,12 @@ class Settings:
             ),
             monitor_interval=_seconds(
                 "FRESHCACHE_MONITOR_INTERVAL", env.get("FRESHCACHE_MONITOR_INTERVAL"), 10.0
+            ),
+            near_cache_ttl=_seconds(
+                "FRESHCACHE_NEAR_CACHE_TTL", env.get("FRESHCACHE_NEAR_CACHE_TTL"), 0.0
+            ),
+            confirm_seconds=_seconds(
+                "FRESHCACHE_CONFIRM_SECONDS", env.get("FRESHCACHE_CONFIRM_SECONDS"), 0.5
             ),
             varnish_urls=tuple(
                 (env.get("FRESHCACHE_VARNISH_URLS") or "").replace(",", " ").split()

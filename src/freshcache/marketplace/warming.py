@@ -32,6 +32,7 @@ from typing import Any, TypeVar
 from freshcache.cache import Cache, CacheRead
 from freshcache.core.keys import CacheKey, KeySpace, KeyTemplate, Namespace
 from freshcache.core.plan import InvalidationPlan
+from freshcache.near import NearCache
 from freshcache.pipeline.broadcast import Broadcast
 from freshcache.stores.base import Store
 from freshcache.warming import Warmer
@@ -84,11 +85,15 @@ class WarmingCache(Cache):
         keyspace: KeySpace,
         *,
         broadcast: Broadcast | None = None,
+        near: NearCache | None = None,
+        confirm_invalidations: float | None = None,
         capacity: int = 256,
         top: int = 32,
         concurrency: int = 4,
     ) -> None:
-        super().__init__(store, broadcast=broadcast)
+        super().__init__(
+            store, broadcast=broadcast, near=near, confirm_invalidations=confirm_invalidations
+        )
         templates = [keyspace[name] for name in WARMED_TEMPLATES]
         self._remember_limit = 4 * capacity
         self._loaders: dict[KeyTemplate, OrderedDict[str, Callable[[], Awaitable[Any]]]] = {
