@@ -237,7 +237,7 @@ def with_pages(seeded: list[Product]) -> list[Product]:
 # -- the service processes ----------------------------------------------------------------
 
 
-def server_role(database_url: str, redis_url: str, port: str, cache: str) -> None:
+def server_role(database_url: str, redis_url: str, port: str, cache: str, near: str) -> None:
     """One service instance under uvicorn, on the event loop ``uvicorn.run`` (so
     ``freshcache serve``) would pick (uvloop), until told to finish."""
     settings = Settings.from_env(
@@ -246,6 +246,7 @@ def server_role(database_url: str, redis_url: str, port: str, cache: str) -> Non
             "FRESHCACHE_REDIS_URL": redis_url,
             "FRESHCACHE_ADMIN_TOKEN": ADMIN_TOKEN,
             "FRESHCACHE_CACHE": cache,
+            "FRESHCACHE_NEAR_CACHE_TTL": near,
             # The uncached instance leaves the pipeline to the cached one.
             "FRESHCACHE_RUN_PIPELINE": "1" if cache == "on" else "0",
         },
@@ -500,7 +501,7 @@ async def count_stale_reads(cached: int, seeded: list[Product], iterations: int)
 
 
 async def start_servers(
-    stack: contextlib.AsyncExitStack, database_url: str, redis_url: str
+    stack: contextlib.AsyncExitStack, database_url: str, redis_url: str, near: float
 ) -> dict[str, tuple[int, HelperProcess]]:
     """The cached (``on``) and uncached (``off``) instances, each with its port; ``stack``
     kills them."""
@@ -509,21 +510,21 @@ async def start_servers(
         port = free_port()
         server = await HelperProcess.start(
             f"service (cache {cache})",
-            *(__file__, "--role", "server", database_url, redis_url, str(port), cache),
+            *(__file__, "--role", "server", database_url, redis_url, str(port), cache, str(near)),
         )
         stack.push_async_callback(server.kill)
         servers[cache] = (port, server)
     return servers
 
 
-async def run(settings: Workload) -> dict[str, object]:
+async def run(settings: Workload, near: float) -> dict[str, object]:
     """Everything on a private PostgreSQL and redis-server; return the figures."""
     with PostgresServer() as postgres, RedisServer() as redis_server:
         seeding = time.perf_counter()
         seeded = await seed(postgres.url)
         print(f"seeded {len(seeded):,} products in {time.perf_counter() - seeding:.1f} s")
         async with contextlib.AsyncExitStack() as stack:
-            servers = await start_servers(stack, postgres.url, redis_server.url)
+            servers = await start_servers(stack, postgres.url, redis_server.url, near)
             (cached, cached_server), (uncached, uncached_server) = servers["on"], servers["off"]
             figures = report_throughput(
                 await measure_throughput(cached, uncached, seeded, settings)
@@ -548,12 +549,20 @@ async def run(settings: Workload) -> dict[str, object]:
         "stale_reads_after_write": stale,
         "reads_checked_after_write": 3 * settings.stale_iterations,
         "fills_refused_while_checking": dropped,
+        "near_cache_ttl": near,
     }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a shorter run (under 45 s)")
+    parser.add_argument(
+        "--near-cache",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="run the cached instance with near caches (FRESHCACHE_NEAR_CACHE_TTL)",
+    )
     parser.add_argument("--role", choices=["server"], help=argparse.SUPPRESS)
     parser.add_argument("role_arguments", nargs="*", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -561,7 +570,7 @@ def main() -> None:
         server_role(*args.role_arguments)
         return
     started = time.perf_counter()
-    figures = asyncio.run(run(QUICK if args.quick else FULL))
+    figures = asyncio.run(run(QUICK if args.quick else FULL, args.near_cache))
     print(f"\nelapsed: {time.perf_counter() - started:.1f} s")
     emit_figures(figures)
 
