@@ -23,7 +23,7 @@ check: $(STAMP)
 	$(VENV)/bin/ruff format --check src tests bench
 	$(VENV)/bin/mypy
 
-BENCHES := race cache_ops pipeline warming service
+BENCHES := race cache_ops pipeline realtime warming service
 
 bench: $(STAMP)
 	set -e; for name in $(BENCHES); do $(PY) bench/$$name.py; done
