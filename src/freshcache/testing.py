@@ -18,7 +18,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
-from typing import TypedDict
+from typing import Self, TypedDict
 
 __all__ = [
     "SHIPPED_VCL",
@@ -45,7 +45,40 @@ def _require(binary: str, package: str) -> str:
     return path
 
 
-class RedisServer:
+class _ServerProcess:
+    """What the private servers share: a process in a temporary folder, stopped (and the
+    folder removed) by ``stop`` or at the end of a ``with`` block."""
+
+    process: subprocess.Popen[bytes] | None
+    directory: Path
+
+    def start(self) -> Self:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+class RedisServer(_ServerProcess):
     """A private ``redis-server``. Use as a context manager, or ``start()``/``stop()``.
 
     ``kill()`` ends it abruptly (SIGKILL) and ``restart()`` starts it again on the same
@@ -103,28 +136,6 @@ class RedisServer:
     def restart(self) -> RedisServer:
         self.kill()
         return self.start()
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self.process = None
-        shutil.rmtree(self.directory, ignore_errors=True)
-
-    def __enter__(self) -> RedisServer:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.stop()
 
 
 def _postgres_binaries() -> Path:
@@ -377,7 +388,7 @@ def _http_status(port: int, method: str, headers: dict[str, str]) -> int | None:
     return int(status_line[1]) if len(status_line) >= 2 and status_line[1].isdigit() else None
 
 
-class VarnishServer:
+class VarnishServer(_ServerProcess):
     """A private ``varnishd`` (with varnish-modules, for xkey) running ``vcl_path`` (the
     shipped VCL by default) with its backend pointed at ``backend_host:backend_port``.
     Use as a context manager, or ``start()``/``stop()``; ``url`` is its HTTP address,
@@ -441,25 +452,3 @@ class VarnishServer:
         if "xkey" in log_text:
             hint = "\nIs varnish-modules installed? apt-get install -y varnish-modules"
         raise RuntimeError(f"varnishd did not start within 20 s:\n{log_text[-3000:]}{hint}")
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self.process = None
-        shutil.rmtree(self.directory, ignore_errors=True)
-
-    def __enter__(self) -> VarnishServer:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.stop()
