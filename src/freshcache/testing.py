@@ -45,26 +45,14 @@ def _require(binary: str, package: str) -> str:
     return path
 
 
-class _ServerProcess:
-    """What the private servers share: a process in a temporary folder, stopped (and the
-    folder removed) by ``stop`` or at the end of a ``with`` block."""
-
-    process: subprocess.Popen[bytes] | None
-    directory: Path
+class _Started:
+    """``with server:`` starts the server and stops it at the end of the block."""
 
     def start(self) -> Self:
         raise NotImplementedError
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self.process = None
-        shutil.rmtree(self.directory, ignore_errors=True)
+        raise NotImplementedError
 
     def __enter__(self) -> Self:
         return self.start()
@@ -76,6 +64,25 @@ class _ServerProcess:
         traceback: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+class _ServerProcess(_Started):
+    """A server process of ours in a temporary folder: ``stop`` ends it (gently, then
+    not) and removes the folder."""
+
+    process: subprocess.Popen[bytes] | None
+    directory: Path
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+        shutil.rmtree(self.directory, ignore_errors=True)
 
 
 class RedisServer(_ServerProcess):
@@ -168,7 +175,7 @@ class _Account(TypedDict):
     extra_groups: list[int] | None
 
 
-class PostgresServer:
+class PostgresServer(_Started):
     """A private PostgreSQL server: ``initdb`` in a temporary folder, ``postgres`` on a
     free port of 127.0.0.1 (its unix socket in that folder), removed by ``stop()``. Use as
     a context manager, or ``start()``/``stop()``.
@@ -346,17 +353,6 @@ class PostgresServer:
         self._signal(signal.SIGINT)
         if self.directory is not None:
             shutil.rmtree(self.directory, ignore_errors=True)
-
-    def __enter__(self) -> PostgresServer:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.stop()
 
 
 SHIPPED_VCL = Path(__file__).resolve().parents[2] / "deploy" / "varnish" / "default.vcl"
