@@ -216,5 +216,6 @@ async def set_stock(
         if result.rowcount == 0:
             raise not_found("product", product_id)
     # Nothing cached holds stock (stock.changed invalidates nothing); the outbox carries
-    # the change to real-time subscribers.
+    # the change to real-time subscribers, relayed now rather than at the next poll.
+    runtime_of(request).relay.wake()
     return {"product_id": product_id, "stock": body.stock}
