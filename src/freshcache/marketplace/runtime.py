@@ -194,9 +194,6 @@ class Runtime:
         invalidated once the pipeline gets through, and the write is not reported as
         failed (it is committed).
         """
-        # The outbox rows of this commit: relay them now rather than at the next poll
-        # (SQLite cannot notify; the real-time updates follow the relay).
-        self.relay.wake()
         for event in events:
             plan = self.rules.plan(event)
             try:

@@ -277,9 +277,4 @@ class OutboxRelay:
                 await connection.invalidate()
 
     def _notified(self, *_notification: object) -> None:
-        self.wake()
-
-    def wake(self) -> None:
-        """Start the next pass now: a writer in this process has just committed rows
-        (the way to be prompt on SQLite, which cannot notify)."""
         self._wake.set()

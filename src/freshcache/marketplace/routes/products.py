@@ -216,6 +216,5 @@ async def set_stock(
         if result.rowcount == 0:
             raise not_found("product", product_id)
     # Nothing cached holds stock (stock.changed invalidates nothing); the outbox carries
-    # the change to real-time subscribers, relayed now rather than at the next poll.
-    runtime_of(request).relay.wake()
+    # the change to real-time subscribers.
     return {"product_id": product_id, "stock": body.stock}
