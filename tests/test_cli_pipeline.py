@@ -80,6 +80,7 @@ def test_pipeline_commands_need_redis(monkeypatch: pytest.MonkeyPatch) -> None:
     assert result.exit_code == 2 and "FRESHCACHE_REDIS_URL" in result.output
 
 
+@pytest.mark.usefixtures("redis_client")  # a flushed database: no events of other tests
 def test_a_worker_process_applies_published_events(
     redis_server: RedisServer, tmp_path: Path
 ) -> None:
@@ -106,7 +107,11 @@ def test_a_worker_process_applies_published_events(
         )
         try:
             assert worker.stdout is not None
-            assert "running" in worker.stdout.readline()
+            started = ""
+            while "running" not in started:  # log lines may come first
+                line = worker.stdout.readline()
+                assert line, f"the worker exited: {started}"
+                started += line
             asyncio.run(cache_value())
             event = new_event("product.updated", "t1", productId="p1").to_json().decode()
             subprocess.run(
