@@ -15,13 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
-import uvicorn
 from fastapi import FastAPI
 from playwright.async_api import Browser, Page, async_playwright, expect
 
 from freshcache.marketplace import Settings, create_app
 from freshcache.marketplace.analytics import DashboardAnalytics
-from freshcache.testing import free_port
+from freshcache.testing import serve_app
 from service_cases import ADMIN, ADMIN_TOKEN, settings_for
 
 OVERVIEW = "/api/monitoring/overview"
@@ -47,22 +46,8 @@ class Served:
 async def serving(settings: Settings) -> AsyncIterator[Served]:
     """The service under uvicorn, in this event loop."""
     app = create_app(settings)
-    port = free_port()
-    config = uvicorn.Config(
-        app, host="127.0.0.1", port=port, log_level="warning", timeout_graceful_shutdown=2
-    )
-    server = uvicorn.Server(config)
-    task = asyncio.create_task(server.serve())
-    async with asyncio.timeout(30):
-        while not server.started:
-            if task.done():
-                task.result()
-            await asyncio.sleep(0.01)
-    try:
-        yield Served(f"http://127.0.0.1:{port}", app)
-    finally:
-        server.should_exit = True
-        await task
+    async with serve_app(app) as url:
+        yield Served(url, app)
 
 
 @contextlib.asynccontextmanager

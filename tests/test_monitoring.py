@@ -16,7 +16,6 @@ from pathlib import Path
 
 import httpx
 import redis.asyncio as redis
-import uvicorn
 from fastapi import FastAPI
 from httpx_sse import ServerSentEvent, aconnect_sse
 from prometheus_client.parser import text_string_to_metric_families
@@ -40,7 +39,7 @@ from freshcache.observability import (
     CacheHitRatioLow,
 )
 from freshcache.realtime.rooms import tenant_channel
-from freshcache.testing import RedisServer, free_port
+from freshcache.testing import RedisServer, serve_app
 from service_cases import (
     ADMIN,
     Deployment,
@@ -362,22 +361,8 @@ async def serving(settings: Settings) -> AsyncIterator[Served]:
     """The service (demo data) under uvicorn, in this event loop."""
     tenants: list[DemoTenant] = []
     app = create_app(settings, on_ready=lambda _, demo: tenants.extend(demo))
-    port = free_port()
-    config = uvicorn.Config(
-        app, host="127.0.0.1", port=port, log_level="warning", timeout_graceful_shutdown=2
-    )
-    server = uvicorn.Server(config)
-    task = asyncio.create_task(server.serve())
-    async with asyncio.timeout(30):
-        while not server.started:
-            if task.done():
-                task.result()
-            await asyncio.sleep(0.01)
-    try:
-        yield Served(f"http://127.0.0.1:{port}", app, tenants)
-    finally:
-        server.should_exit = True
-        await task
+    async with serve_app(app) as url:
+        yield Served(url, app, tenants)
 
 
 async def next_event(events: AsyncIterator[ServerSentEvent], name: str) -> ServerSentEvent:

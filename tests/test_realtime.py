@@ -17,7 +17,6 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -26,7 +25,7 @@ from websockets.asyncio.client import ClientConnection, connect
 
 from freshcache.realtime import LIVE_SCRIPT, SLOW_CONSUMER, MemoryHistory, Realtime, RedisHistory
 from freshcache.stores.base import StoreUnavailable
-from freshcache.testing import RedisServer, free_port
+from freshcache.testing import RedisServer, serve_app
 
 JS = Path(__file__).resolve().parent / "js"
 
@@ -88,22 +87,8 @@ async def serve(realtime: Realtime, *routes: BaseRoute) -> AsyncIterator[str]:
 
     app = Starlette(routes=list(routes), lifespan=lifespan)
     realtime.mount(app)
-    port = free_port()
-    config = uvicorn.Config(
-        app, host="127.0.0.1", port=port, log_level="warning", timeout_graceful_shutdown=2
-    )
-    server = uvicorn.Server(config)
-    task = asyncio.create_task(server.serve())
-    async with asyncio.timeout(20):
-        while not server.started:
-            if task.done():
-                task.result()
-            await asyncio.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        await task
+    async with serve_app(app) as url:
+        yield url
 
 
 class NodeClient:

@@ -13,14 +13,13 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from httpx_sse import ServerSentEvent, aconnect_sse
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.gzip import GZipMiddleware
 
 from freshcache.realtime import MemoryHistory, Realtime
-from freshcache.testing import free_port
+from freshcache.testing import serve_app
 from freshcache.web import HttpCacheMiddleware
 
 STREAM = "/api/dashboard/live-stream"
@@ -67,22 +66,8 @@ async def serve(realtime: Realtime) -> AsyncIterator[str]:
     middleware = [Middleware(HttpCacheMiddleware), Middleware(GZipMiddleware, minimum_size=10)]
     app = Starlette(lifespan=lifespan, middleware=middleware)
     realtime.mount(app)
-    port = free_port()
-    config = uvicorn.Config(
-        app, host="127.0.0.1", port=port, log_level="warning", timeout_graceful_shutdown=2
-    )
-    server = uvicorn.Server(config)
-    task = asyncio.create_task(server.serve())
-    async with asyncio.timeout(20):
-        while not server.started:
-            if task.done():
-                task.result()
-            await asyncio.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        await task
+    async with serve_app(app) as url:
+        yield url
 
 
 @contextlib.asynccontextmanager

@@ -20,7 +20,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
 from fastapi import FastAPI
 from httpx_sse import ServerSentEvent, aconnect_sse
 from sqlalchemy import text
@@ -40,7 +39,7 @@ from freshcache.marketplace.live import (
 )
 from freshcache.marketplace.routes.reports import LOW_STOCK
 from freshcache.stores.base import StoreUnavailable
-from freshcache.testing import PostgresServer, RedisServer, free_port
+from freshcache.testing import PostgresServer, RedisServer, free_port, serve_app
 from service_cases import ADMIN, ADMIN_TOKEN, Deployment, Instance, settings_for, settle
 from test_realtime import NodeClient, eventually, node_client, stocks
 
@@ -113,29 +112,11 @@ class Service:
 async def serving(settings: Settings, live: LiveSettings | None = None) -> AsyncIterator[Service]:
     """The service on an in-process uvicorn server (run as ``freshcache serve`` runs it)."""
     app = create_app(settings, live=live or LiveSettings())
-    port = free_port()
-    config = uvicorn.Config(
-        app,
-        host="127.0.0.1",
-        port=port,
-        log_level="warning",
-        ws_per_message_deflate=False,
-        timeout_graceful_shutdown=2,
-    )
-    server = uvicorn.Server(config)
-    task = asyncio.create_task(server.serve())
-    try:
-        async with asyncio.timeout(30):
-            while not server.started:
-                if task.done():
-                    task.result()
-                await asyncio.sleep(0.02)
-        url = f"http://127.0.0.1:{port}"
-        async with httpx.AsyncClient(base_url=url, timeout=15) as http:
-            yield Service(app, url, http)
-    finally:
-        server.should_exit = True
-        await task
+    async with (
+        serve_app(app, ws_per_message_deflate=False) as url,
+        httpx.AsyncClient(base_url=url, timeout=15) as http,
+    ):
+        yield Service(app, url, http)
 
 
 async def stock_updates(client: NodeClient, count: int) -> list[int]:

@@ -15,10 +15,11 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
-from typing import Self, TypedDict
+from typing import Any, Self, TypedDict
 
 __all__ = [
     "SHIPPED_VCL",
@@ -26,6 +27,7 @@ __all__ = [
     "RedisServer",
     "VarnishServer",
     "free_port",
+    "serve_app",
     "vcl_with_backend",
 ]
 
@@ -448,3 +450,26 @@ class VarnishServer(_ServerProcess):
         if "xkey" in log_text:
             hint = "\nIs varnish-modules installed? apt-get install -y varnish-modules"
         raise RuntimeError(f"varnishd did not start within 20 s:\n{log_text[-3000:]}{hint}")
+
+
+@contextlib.asynccontextmanager
+async def serve_app(app: Any, start_within: float = 30.0, **options: Any) -> AsyncIterator[str]:
+    """Serve the ASGI ``app`` with uvicorn on a free port, in the running event loop;
+    yield its URL, then shut it down. ``options`` go to ``uvicorn.Config``."""
+    import uvicorn
+
+    port = free_port()
+    settings: dict[str, Any] = {"log_level": "warning", "timeout_graceful_shutdown": 2}
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, **{**settings, **options})
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve())
+    try:
+        async with asyncio.timeout(start_within):
+            while not server.started:
+                if task.done():
+                    task.result()  # raises why it could not start
+                await asyncio.sleep(0.01)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        await task
